@@ -1,0 +1,164 @@
+"""Typed configuration for NeuroPrune and for a training run.
+
+Every field carries its default and a docstring (the string literal right below it); the README's config
+reference is generated from these docstrings. Loading, overrides and validation live in
+:mod:`neuroprune_ds.config_loader`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(kw_only=True, slots=True)
+class NeuroPruneConfig:
+    """The NeuroPrune algorithm (see the README's algorithm section and ALGORITHM.md)."""
+
+    enabled: bool = True
+    """Switch NeuroPrune on; false gives plain fine-tuning with the same loop (the dense baseline)."""
+    mlp_lambda: float = 1e-5
+    """alpha: weight of the preferential-attachment weighted L1 penalty on FFN weights."""
+    attn_lambda: float = 1e-5
+    """beta: weight of the l1^(1/2) group penalty on attention input dimensions across [Q, K, V]."""
+    lambda_warmup_steps: int = 0
+    """Ramp both lambdas linearly from 0 over this many optimizer steps (0: no warm-up)."""
+    epsilon: float = 1e-4
+    """A weight with |w| < epsilon counts as absent (degree counts, sparsity, export threshold)."""
+    c_min: float = 0.05
+    """Floor of a neuron's fractional connectivity c in its penalty weight 1 / max(c, c_min)."""
+    delta: float = 1e-8
+    """Smoothing of the attention group penalty: sqrt(g + delta) keeps its gradient finite at g = 0."""
+    degree_every: int = 1
+    """Recompute the FFN degree weights every this many optimizer steps."""
+    mlp_groups: str = "neuron"
+    """'neuron': a group is FFN hidden unit i (row i of every input projection, column i of the output
+    projection); 'output_rows': every row of every FFN weight is a group (the literal reading)."""
+    attention_kinds: list[str] = field(default_factory=lambda: ["self", "cross"])
+    """Which attention blocks are penalised and head-pruned: any of 'self', 'cross'."""
+    theta: float = 0.15
+    """Two heads are similar when the max |difference| of their [Q, K, V] weights is <= theta."""
+    fold: str = "output_projection"
+    """'output_projection': add a pruned head's output-projection columns into the head that replaces it;
+    'none': drop them."""
+    prune_heads: bool = True
+    """Run redundant-head pruning on the schedule below."""
+    prune_every_steps: int = 0
+    """Prune heads every this many optimizer steps; 0 prunes at the end of every epoch."""
+    prune_start_step: int = 0
+    """No head pruning before this optimizer step."""
+    target_modules: list[str] | None = None
+    """Attention/FFN blocks to include (module paths; an entry matches a path equal to it, ending in
+    '.'+entry, or fully matching it as a regular expression). None: every block of the architecture."""
+    exclude_modules: list[str] = field(default_factory=list)
+    """Blocks to leave alone; same matching rules as target_modules."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """Which pretrained model to fine-tune."""
+
+    name_or_path: str = ""
+    """A local directory with an HF checkpoint, or a hub name (needs network access to the hub)."""
+    gguf_file: str | None = None
+    """File name of a GGUF checkpoint inside name_or_path (loaded through transformers)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub name; defaults to name_or_path."""
+    dtype: str = "fp32"
+    """Training precision: 'fp32' or 'bf16' (fp16 does not run on CPU)."""
+    trust_remote_code: bool = False
+    """Passed to transformers' from_pretrained."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where the training and evaluation examples come from."""
+
+    train: str = ""
+    """Training data: a local .json/.jsonl/.csv/.parquet/.txt file, a directory, or a `datasets` hub name."""
+    eval: str | None = None
+    """Evaluation data, same forms as train; None splits eval_fraction off the training data."""
+    dataset_config: str | None = None
+    """Configuration name of a hub dataset (e.g. 'sst2' of 'glue')."""
+    eval_fraction: float = 0.05
+    """Fraction of the training data held out for evaluation when eval is None."""
+    text_column: str = "text"
+    """Column with the input text (causal_lm, classification)."""
+    text_pair_column: str | None = None
+    """Optional second text column for sentence-pair classification."""
+    label_column: str = "label"
+    """Column with the class label (classification)."""
+    source_column: str = "source"
+    """Column with the source text (seq2seq)."""
+    target_column: str = "target"
+    """Column with the target text (seq2seq)."""
+    source_prefix: str = ""
+    """Text put before every source (e.g. 'summarize: ' for T5)."""
+    max_length: int = 256
+    """Token block length (causal_lm) or maximum input length."""
+    max_target_length: int = 64
+    """Maximum target length (seq2seq)."""
+    max_train_examples: int | None = None
+    """Use at most this many training examples (after shuffling with the run seed)."""
+    max_eval_examples: int | None = None
+    """Use at most this many evaluation examples."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ScheduleConfig:
+    """Optimisation and its schedule."""
+
+    epochs: int = 1
+    """Passes over the training data (max_steps wins when set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    micro_batch_size: int = 8
+    """Examples per rank per forward pass (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 5e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    lr_scheduler: str = "linear"
+    """'linear' (decay to 0), 'cosine' or 'constant' after warm-up."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    eval_every_steps: int = 0
+    """Evaluate every this many optimizer steps (0: only at the end)."""
+    log_every_steps: int = 10
+    """Log metrics every this many optimizer steps."""
+    seed: int = 42
+    """Seed for model init, data order and dropout."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """When to save ZeRO checkpoints and whether to resume."""
+
+    every_steps: int = 0
+    """Save every this many optimizer steps (0: only at the end and on preemption signals)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints."""
+    resume: str = "auto"
+    """'auto' (resume from the latest complete checkpoint in the output dir, if any), 'never', or a path."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """A complete fine-tuning run."""
+
+    task: str = "causal_lm"
+    """'causal_lm', 'seq2seq' or 'classification'."""
+    num_labels: int = 2
+    """Number of classes (classification)."""
+    output_dir: str = "runs/neuroprune"
+    """Checkpoints, metrics.jsonl and TensorBoard events go here."""
+    deepspeed: str = "ds_configs/zero3_fp32.json"
+    """DeepSpeed JSON config (a path; ds_configs/ ships one per ZeRO stage and dtype)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    neuroprune: NeuroPruneConfig = field(default_factory=NeuroPruneConfig)
