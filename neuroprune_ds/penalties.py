@@ -1,0 +1,123 @@
+"""The two NeuroPrune penalties, their statistics and their gradients (pure tensor functions).
+
+A *group set* is a list of weight matrices whose rows or columns share group indices:
+- MLP (``mlp_groups: neuron``): FFN hidden unit i is row i of every input projection and column i of the
+  output projection; the "in" set and the "out" set each get their own degree weights.
+- Attention: input dimension i is column i of q, k and v together.
+
+Everything works on a ``FlatSlice`` of each matrix (a contiguous range of the flattened weight, what a ZeRO
+rank holds) so that per-group statistics of the slices of all ranks add up to those of the full matrices.
+The penalty weights and group scales are then computed from the summed statistics, identically on every
+rank, and the gradient of each local element needs only its own group's value. Nothing here communicates.
+
+Formulas (HF layout; see ALGORITHM.md):
+- degree weight of group i: omega_i = 1 / max(c_i, c_min), c_i = #{|w| >= epsilon} / #connections.
+- R_MLP = sum_i omega_i * ||group_i||_1, gradient omega_i * sign(w) (omega held constant).
+- R_att = sum_i (sqrt(g_i + delta) - sqrt(delta)), g_i = ||group_i||_1, gradient 0.5 (g_i + delta)^-1/2
+  sign(w). The delta smoothing keeps the gradient finite at g_i = 0 and makes R_att(0) = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from neuroprune_ds.flat_slice import ROW, FlatSlice
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMember:
+    """One matrix's part in a group set: its local values (1-D), their slice, and the group axis."""
+
+    local: torch.Tensor
+    slice: FlatSlice
+    axis: str
+
+    @property
+    def connections_per_group(self) -> int:
+        """How many weights of the FULL matrix belong to each group."""
+        return self.slice.cols if self.axis == ROW else self.slice.rows
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStats:
+    """Per-group statistics of a group set: L1 norm, count of |w| >= epsilon, and total connections."""
+
+    l1: torch.Tensor
+    nonzero: torch.Tensor
+    connections: int
+
+    def plus(self, other: GroupStats) -> GroupStats:
+        return GroupStats(self.l1 + other.l1, self.nonzero + other.nonzero, self.connections)
+
+
+def group_stats(members: list[GroupMember], epsilon: float) -> GroupStats:
+    """Per-group L1 norms and counts of |w| >= epsilon over the local slices of ``members`` (float64).
+
+    Args:
+        members: matrices sharing group indices; all must have the same number of groups.
+        epsilon: magnitude below which a weight counts as absent.
+
+    Returns:
+        Partial statistics: summing those of every rank's slices gives the full-matrix statistics.
+    """
+    sizes = {m.slice.group_size(m.axis) for m in members}
+    assert len(sizes) == 1, f"group set members disagree on the number of groups: {sizes}"
+    l1 = sum(m.slice.group_sums(m.local.abs(), m.axis) for m in members)
+    nonzero = sum(m.slice.group_sums(m.local.abs() >= epsilon, m.axis) for m in members)
+    return GroupStats(l1, nonzero, sum(m.connections_per_group for m in members))
+
+
+def degree_weights(stats: GroupStats, c_min: float) -> torch.Tensor:
+    """omega_i = 1 / max(c_i, c_min): sparsely connected units are penalised more (preferential attachment)."""
+    connectivity = stats.nonzero / stats.connections
+    return 1.0 / connectivity.clamp(min=c_min)
+
+
+def mlp_penalty_value(stats: GroupStats, omega: torch.Tensor) -> float:
+    """R_MLP of one group set: sum_i omega_i * ||group_i||_1."""
+    return float((omega * stats.l1).sum())
+
+
+def attention_group_scale(stats: GroupStats, delta: float) -> torch.Tensor:
+    """d R_att / d g_i = 0.5 / sqrt(g_i + delta): the per-group factor of the attention gradient."""
+    return 0.5 / torch.sqrt(stats.l1 + delta)
+
+
+def attention_penalty_value(stats: GroupStats, delta: float) -> float:
+    """R_att of one attention block: sum_i sqrt(g_i + delta) - sqrt(delta)."""
+    return float((torch.sqrt(stats.l1 + delta) - math.sqrt(delta)).sum())
+
+
+def add_penalty_grad_(grad: torch.Tensor, member: GroupMember, per_group: torch.Tensor, lam: float) -> None:
+    """``grad += lam * per_group[group] * sign(w)`` on a local slice (per_group: omega or the attention scale).
+
+    Args:
+        grad: this slice's gradient (1-D, same length as ``member.local``), updated in place.
+        member: the weights and their slice.
+        per_group: one factor per group of the full matrix.
+        lam: the penalty's lambda.
+    """
+    member.slice.add_scaled_(grad, torch.sign(member.local), per_group, member.axis, lam)
+
+
+def mlp_penalty(matrices: list[tuple[torch.Tensor, str]], omega: torch.Tensor) -> torch.Tensor:
+    """Differentiable R_MLP on full matrices (the autograd reference): omega is treated as a constant.
+
+    Args:
+        matrices: (weight, axis) pairs of one group set; axis ROW groups rows, COL groups columns.
+        omega: degree weights, one per group.
+    """
+    total = 0.0
+    for weight, axis in matrices:
+        l1 = weight.abs().sum(dim=1 if axis == ROW else 0)
+        total = total + (omega.detach().to(weight.dtype) * l1).sum()
+    return total
+
+
+def attention_penalty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: float) -> torch.Tensor:
+    """Differentiable R_att on full (out, in) q/k/v weights: one group per input dimension (column)."""
+    g = q.abs().sum(dim=0) + k.abs().sum(dim=0) + v.abs().sum(dim=0)
+    return (torch.sqrt(g + delta) - math.sqrt(delta)).sum()
