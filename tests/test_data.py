@@ -6,13 +6,10 @@ every pipeline on real text with real tokenizers from :mod:`neuroprune_ds.assets
 
 from __future__ import annotations
 
-import json
-
 import datasets
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from synthetic_text import save_word_tokenizer, sentence, write_jsonl
 
 from neuroprune_ds.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig
 from neuroprune_ds.data import (
@@ -24,33 +21,15 @@ from neuroprune_ds.data import (
     uses_text_to_text,
 )
 
-WORDS = "the a cat dog sat ran on mat log good bad film plot was is very dull fine".split()
-
 
 @pytest.fixture(scope="module")
 def word_tokenizer_dir(tmp_path_factory):
-    """A word-level tokenizer without a pad token (as decoder-only tokenizers often are)."""
-    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]")
-    path = tmp_path_factory.mktemp("tok")
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_word_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
 def tokenizer(word_tokenizer_dir):
     return load_tokenizer(ModelConfig(name_or_path=word_tokenizer_dir))
-
-
-def _sentence(i: int) -> str:
-    return " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(3 + i % 5))
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 def _run(task: str, **data) -> RunConfig:
@@ -63,7 +42,7 @@ def test_pad_token_falls_back_to_eos(tokenizer):
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
 def test_load_local_file_formats(tmp_path, suffix):
-    rows = [{"text": _sentence(i), "label": i % 2} for i in range(6)]
+    rows = [{"text": sentence(i), "label": i % 2} for i in range(6)]
     path = tmp_path / f"d{suffix}"
     table = datasets.Dataset.from_list(rows)
     {".jsonl": table.to_json, ".json": table.to_json, ".csv": table.to_csv, ".parquet": table.to_parquet}[suffix](
@@ -106,10 +85,10 @@ def test_load_errors_name_the_problem(tmp_path, monkeypatch):
 
 def test_causal_lm_packs_blocks_and_splits_eval(tmp_path, tokenizer):
     path = tmp_path / "t.txt"
-    path.write_text("".join(_sentence(i) + "\n" for i in range(40)))
+    path.write_text("".join(sentence(i) + "\n" for i in range(40)))
     run = _run("causal_lm", train=str(path), max_length=8, eval_fraction=0.25)
     data = build_task_data(run, tokenizer)
-    n_tokens = sum(len(tokenizer(_sentence(i) + "\n")["input_ids"]) for i in range(40))
+    n_tokens = sum(len(tokenizer(sentence(i) + "\n")["input_ids"]) for i in range(40))
     assert len(data.train) + len(data.eval) == n_tokens // 8
     assert len(data.eval) == -(-(n_tokens // 8) // 4)
     row = data.train[0]
@@ -127,9 +106,9 @@ def test_causal_lm_packs_blocks_and_splits_eval(tmp_path, tokenizer):
 
 
 def test_seq2seq_prefix_truncation_and_label_padding(tmp_path, tokenizer):
-    rows = [{"src": _sentence(i), "tgt": _sentence(i + 1)} for i in range(10)]
-    train = _write_jsonl(tmp_path / "train.jsonl", rows)
-    evaluation = _write_jsonl(tmp_path / "eval.jsonl", rows[:3])
+    rows = [{"src": sentence(i), "tgt": sentence(i + 1)} for i in range(10)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", rows[:3])
     run = _run("seq2seq", train=train, eval=evaluation, source_column="src", target_column="tgt",
                source_prefix="very ", max_length=4, max_target_length=3)
     data = build_task_data(run, tokenizer)
@@ -146,8 +125,8 @@ def test_seq2seq_prefix_truncation_and_label_padding(tmp_path, tokenizer):
 
 
 def test_classification_labels_int_string_and_text_to_text(tmp_path, tokenizer):
-    rows = [{"text": _sentence(i), "other": _sentence(i + 3), "label": ["neg", "pos"][i % 2]} for i in range(20)]
-    train = _write_jsonl(tmp_path / "c.jsonl", rows)
+    rows = [{"text": sentence(i), "other": sentence(i + 3), "label": ["neg", "pos"][i % 2]} for i in range(20)]
+    train = write_jsonl(tmp_path / "c.jsonl", rows)
     run = _run("classification", train=train, text_pair_column="other", eval_fraction=0.2)
     data = build_task_data(run, tokenizer)
     assert data.label_names == ["neg", "pos"] and len(data.eval) == 4
@@ -160,7 +139,7 @@ def test_classification_labels_int_string_and_text_to_text(tmp_path, tokenizer):
     assert all(tuple(ids) in word_ids for ids in t2t.train["labels"])
     assert uses_text_to_text("classification", "t5") and not uses_text_to_text("classification", "bart")
 
-    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "a", "label": 5}, {"text": "b", "label": 0}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a", "label": 5}, {"text": "b", "label": 0}])
     with pytest.raises(ValueError, match=r"outside \[0, num_labels=2\)"):
         build_task_data(_run("classification", train=bad, eval=bad), tokenizer)
     run.num_labels = 3
