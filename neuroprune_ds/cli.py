@@ -1,0 +1,143 @@
+"""The ``neuroprune`` command line.
+
+Each subcommand is one ``add_<name>(subparsers)`` function that declares its arguments and sets ``run`` to
+the function executing it (which returns the exit status); ``SUBCOMMANDS`` registers it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
+                          AutoModelForSequenceClassification)
+
+from neuroprune_ds.arch import ResolvedArchitecture, resolve_architecture
+from neuroprune_ds.config import RunConfig
+from neuroprune_ds.config_loader import (ConfigError, check_deepspeed_config, load_config,
+                                         load_deepspeed_config)
+
+EXIT_INVALID = 2
+
+# Encoder-decoder families that classify text-to-text (the label is generated as a word), as in the T5 paper.
+TEXT_TO_TEXT_CLASSIFICATION = frozenset({"t5", "mt5"})
+
+
+def build_meta_model(run: RunConfig) -> torch.nn.Module:
+    """Instantiate the run's model on the meta device from its config alone (no weights are read).
+
+    Args:
+        run: the run configuration (model path, GGUF file, task, num_labels).
+
+    Returns:
+        The ``AutoModelFor<task>`` model with meta tensors: shapes without storage.
+
+    Raises:
+        OSError: the model directory or hub name cannot be found.
+        ValueError: transformers does not know the model type for this task.
+    """
+    model_config = AutoConfig.from_pretrained(run.model.name_or_path, gguf_file=run.model.gguf_file,
+                                              trust_remote_code=run.model.trust_remote_code)
+    auto_class = {"causal_lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM,
+                  "classification": AutoModelForSequenceClassification}[run.task]
+    if run.task == "classification":
+        if model_config.model_type in TEXT_TO_TEXT_CLASSIFICATION:
+            auto_class = AutoModelForSeq2SeqLM
+        else:
+            model_config.num_labels = run.num_labels
+    with torch.device("meta"):
+        return auto_class.from_config(model_config, trust_remote_code=run.model.trust_remote_code)
+
+
+def summarize_architecture(model: torch.nn.Module, arch: ResolvedArchitecture) -> str:
+    """A few lines describing the blocks NeuroPrune will work on."""
+    num_parameters = sum(parameter.numel() for parameter in model.parameters())
+    kinds = Counter(block.kind for block in arch.attention)
+
+    def values(items) -> str:
+        return "/".join(str(value) for value in sorted(set(items))) or "-"
+
+    return "\n".join([
+        f"model: {arch.model_type} ({type(model).__name__}), {num_parameters:,} parameters "
+        "(meta device, no weights loaded)",
+        f"attention: {len(arch.attention)} blocks ("
+        + (", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())) or "none")
+        + f"); heads {values(b.num_heads for b in arch.attention)}, "
+        f"KV heads {values(b.num_kv_heads for b in arch.attention)}, "
+        f"head dim {values(b.head_dim for b in arch.attention)}",
+        f"FFN: {len(arch.ffn)} blocks; width {values(b.width for b in arch.ffn)}",
+    ])
+
+
+def add_validate(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``neuroprune validate``."""
+    parser = subparsers.add_parser(
+        "validate", help="check a run config, its DeepSpeed JSON and the model's architecture",
+        description="Load and validate CONFIG (with key=value overrides), cross-check the DeepSpeed JSON, "
+        "and resolve the model's attention and FFN blocks on a meta-device model (no weights loaded). "
+        f"Exits 0 when everything is valid, {EXIT_INVALID} otherwise, listing every problem.")
+    parser.add_argument("config", metavar="CONFIG", help="run config, YAML or JSON")
+    parser.add_argument("--deepspeed", metavar="DS.json",
+                        help="DeepSpeed JSON (default: the config's 'deepspeed' field)")
+    parser.add_argument("--world-size", type=int, metavar="N",
+                        help="data-parallel ranks the job will use; checks train_batch_size exactly")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides with dotted keys, values in YAML: neuroprune.mlp_lambda=1e-4, "
+                        "neuroprune.attention_kinds=[self]")
+    parser.set_defaults(run=run_validate)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    """Execute ``neuroprune validate``; returns the exit status."""
+    try:
+        run = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"{args.config}: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    errors = []
+    ds_path = args.deepspeed or run.deepspeed
+    try:
+        errors += check_deepspeed_config(load_deepspeed_config(ds_path), run, args.world_size)
+    except ConfigError as error:
+        errors += error.errors
+    try:
+        model = build_meta_model(run)
+        arch = resolve_architecture(model, run.neuroprune)
+    except (OSError, ValueError) as error:
+        errors += [f"model {run.model.name_or_path!r}: {line}" for line in str(error).splitlines()]
+    if errors:
+        print(f"{args.config}: {ConfigError(errors)}", file=sys.stderr)
+        return EXIT_INVALID
+    print(summarize_architecture(model, arch))
+    print(f"deepspeed: {ds_path}")
+    print(f"{args.config}: valid")
+    return 0
+
+
+SUBCOMMANDS = (add_validate,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``neuroprune`` argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(prog="neuroprune",
+                                     description="NeuroPrune sparse fine-tuning under DeepSpeed.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_subcommand in SUBCOMMANDS:
+        add_subcommand(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``neuroprune`` console script; returns the exit status."""
+    parser = build_parser()
+    # argparse fills a '*' positional at its first chance, so key=value pairs after an option
+    # (CONFIG --deepspeed X a=1) come back as extras; they are appended to the overrides in order.
+    args, extras = parser.parse_known_args(argv)
+    if extras and ("overrides" not in vars(args) or any(extra.startswith("-") for extra in extras)):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if extras:
+        args.overrides += extras
+    return args.run(args)

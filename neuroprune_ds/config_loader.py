@@ -1,0 +1,543 @@
+"""Load a :class:`~neuroprune_ds.config.RunConfig` from YAML or JSON, apply ``key=value`` overrides, validate
+it, save it, and cross-check a DeepSpeed JSON against it.
+
+Every problem found is collected and reported at once in one :class:`ConfigError`, one line per problem,
+each naming the dotted field, the offending value and what is allowed. The per-field range rules live in
+one table, ``RULES``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import types
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from deepspeed.autotuning.constants import AUTOTUNING
+from deepspeed.comm.constants import COMMS_LOGGER
+from deepspeed.datastates.config import DATASTATES_CHECKPOINTING
+from deepspeed.monitor.config import DeepSpeedMonitorConfig
+from deepspeed.profiling.constants import FLOPS_PROFILER
+from deepspeed.runtime import constants as ds_constants
+from deepspeed.runtime.activation_checkpointing.config import ACT_CHKPT
+from deepspeed.runtime.config import EXPERT_PARALLEL
+from deepspeed.runtime.data_pipeline.constants import DATA_EFFICIENCY
+from deepspeed.runtime.swap_tensor.constants import AIO
+from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION
+from deepspeed.utils.config import TIMERS
+
+from neuroprune_ds.config import RunConfig
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration; ``errors`` holds one message per problem."""
+
+    def __init__(self, errors: Iterable[str]):
+        self.errors = list(errors)
+        lines = "\n".join(f"  - {error}" for error in self.errors)
+        super().__init__(f"{len(self.errors)} error(s) in the configuration:\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a run configuration file and apply command-line overrides.
+
+    Args:
+        path: a ``.json`` file, or YAML (any other suffix). Sections and keys mirror :class:`RunConfig`.
+        overrides: ``dotted.key=value`` strings applied in order; values are parsed as YAML
+            (``neuroprune.attention_kinds=[self]``, ``neuroprune.target_modules=null``).
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or any key, type or range is wrong (all reported).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError([f"cannot read config file {str(path)!r}: {error.strerror}"]) from error
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError([f"cannot parse {str(path)!r}: {_one_line(error)}"]) from error
+    return config_from_dict({} if raw is None else raw, overrides)
+
+
+def config_from_dict(raw: Any, overrides: Iterable[str] = ()) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from plain data (as parsed from YAML/JSON).
+
+    Args:
+        raw: a mapping of sections and keys mirroring :class:`RunConfig`; it is not modified.
+        overrides: ``dotted.key=value`` strings, as for :func:`load_config`.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: any unknown key, malformed override, wrong type or value out of range (all reported).
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the configuration must be a mapping of sections and keys, got {raw!r}"])
+    errors: list[str] = []
+    raw = _deep_copy_dicts(raw)
+    for override in overrides:
+        _apply_override(raw, override, errors)
+    bad_paths: set[str] = set()
+    config = _build(RunConfig, raw, "", errors, bad_paths)
+    errors += _rule_errors(config, skip=bad_paths)
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _deep_copy_dicts(raw: dict) -> dict:
+    return {key: _deep_copy_dicts(value) if isinstance(value, dict) else value for key, value in raw.items()}
+
+
+def _apply_override(raw: dict, override: str, errors: list[str]) -> None:
+    key, sep, value_text = override.partition("=")
+    if not sep or not key:
+        errors.append(f"override {override!r}: expected key=value, e.g. neuroprune.mlp_lambda=1e-4")
+        return
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError as error:
+        errors.append(f"override {override!r}: cannot parse {value_text!r} as a YAML value "
+                      f"({_one_line(error)})")
+        return
+    cls, node, prefix = RunConfig, raw, ""
+    *sections, leaf = key.split(".")
+    for section in sections:
+        if section not in _field_types(cls):
+            errors.append(_unknown_key_message(cls, prefix, section))
+            return
+        field_type = _field_types(cls)[section]
+        if not dataclasses.is_dataclass(field_type):
+            errors.append(f"override {override!r}: {prefix + section!r} is a value, not a section")
+            return
+        child = node.setdefault(section, {})
+        if not isinstance(child, dict):
+            return  # the file's non-mapping section is reported when the config is built
+        cls, node, prefix = field_type, child, f"{prefix}{section}."
+    if leaf not in _field_types(cls):
+        errors.append(_unknown_key_message(cls, prefix, leaf))
+        return
+    node[leaf] = value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building typed dataclasses from plain data
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved annotation, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+_INVALID = object()
+
+
+def _build(cls: type, raw: dict, prefix: str, errors: list[str], bad_paths: set[str]) -> Any:
+    """Instantiate ``cls`` from ``raw``; wrong entries are reported and left at their defaults."""
+    kwargs = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key not in _field_types(cls):
+            errors.append(_unknown_key_message(cls, prefix, key))
+            continue
+        converted = _convert(value, _field_types(cls)[key], prefix + key, errors, bad_paths)
+        if converted is _INVALID:
+            bad_paths.add(prefix + key)
+        else:
+            kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _convert(value: Any, tp: Any, path: str, errors: list[str], bad_paths: set[str]) -> Any:
+    """Check ``value`` against annotation ``tp``; return it (converted where lossless) or ``_INVALID``."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        (tp,) = (arg for arg in args if arg is not type(None))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, path + ".", errors, bad_paths)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        number = _as_float(value)
+        if number is not None:
+            return number
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+    else:
+        raise TypeError(f"{path}: annotation {tp!r} is not supported by the config loader")
+    errors.append(f"{path}: {value!r} is not {_describe(tp)}{' or null' if type(None) in args else ''}"
+                  f"{_quote_hint(tp, value)}")
+    return _INVALID
+
+
+def _as_float(value: Any) -> float | None:
+    # PyYAML reads '1e-4' (no dot) as a string, so numeric strings are accepted for float fields.
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+               list[str]: "a list of strings"}
+
+
+def _describe(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} keys ({', '.join(_field_types(tp))})"
+    return _TYPE_NAMES[tp]
+
+
+def _quote_hint(tp: Any, value: Any) -> str:
+    if tp is str and isinstance(value, int | float | bool | dict):
+        return " (quote it to pass it as a string)"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unknown keys and nearest matches
+
+
+def _nearest(word: str, candidates: Iterable[str]) -> str | None:
+    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _leaf_paths(cls: type, prefix: str = "") -> Iterator[str]:
+    """Dotted paths of every non-section field under ``cls``."""
+    for name, field_type in _field_types(cls).items():
+        if dataclasses.is_dataclass(field_type):
+            yield from _leaf_paths(field_type, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
+def _unknown_key_message(cls: type, prefix: str, key: str) -> str:
+    """Suggest a key of the same section first, else a field of the same name anywhere (misplaced keys)."""
+    local = _nearest(key, _field_types(cls))
+    if local is not None:
+        guess = prefix + local
+    else:
+        leaves = {path.rpartition(".")[2]: path for path in reversed(list(_leaf_paths(RunConfig)))}
+        leaf = _nearest(key, leaves)
+        guess = None if leaf is None else leaves[leaf]
+    message = f"unknown key {prefix + key!r}"
+    if guess is not None:
+        return f"{message} — did you mean {guess!r}?"
+    where = f"in {prefix[:-1]!r}" if prefix else "at the top level"
+    return f"{message}; valid keys {where}: {', '.join(_field_types(cls))}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Range rules: the one place that says which values each field accepts
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rule:
+    """What a field accepts: ``check(value)`` is true for allowed values, described by ``allowed``.
+    ``choices`` feed the "did you mean" suggestion; ``notes`` explain specific rejected values."""
+
+    check: Callable[[Any], bool]
+    allowed: str
+    choices: tuple[str, ...] = ()
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _at_least(bound: float) -> Rule:
+    return Rule(lambda value: value >= bound, f">= {bound}")
+
+
+def _positive() -> Rule:
+    return Rule(lambda value: value > 0, "> 0")
+
+
+def _one_of(*choices: str, notes: dict[str, str] | None = None) -> Rule:
+    return Rule(lambda value: value in choices, "one of " + ", ".join(map(repr, choices)), choices,
+                notes or {})
+
+
+def _non_empty_subset_of(*choices: str) -> Rule:
+    return Rule(lambda value: bool(value) and set(value) <= set(choices),
+                "a non-empty list of " + ", ".join(map(repr, choices)), choices)
+
+
+_NON_EMPTY = Rule(lambda value: bool(value.strip()), "a non-empty string")
+
+RULES: dict[str, Rule] = {
+    "task": _one_of("causal_lm", "seq2seq", "classification"),
+    "num_labels": _at_least(1),
+    "model.name_or_path": _NON_EMPTY,
+    "model.dtype": _one_of("fp32", "bf16", notes={
+        "fp16": "fp16 does not run on CPU DeepSpeed and is not supported; use 'bf16'"}),
+    "data.train": _NON_EMPTY,
+    "data.eval_fraction": Rule(lambda value: 0 <= value < 1, "in [0, 1)"),
+    "data.max_length": _at_least(1),
+    "data.max_target_length": _at_least(1),
+    "data.max_train_examples": _at_least(0),
+    "data.max_eval_examples": _at_least(0),
+    "schedule.epochs": _at_least(1),
+    "schedule.max_steps": _at_least(1),
+    "schedule.micro_batch_size": _at_least(1),
+    "schedule.gradient_accumulation_steps": _at_least(1),
+    "schedule.lr": _positive(),
+    "schedule.weight_decay": _at_least(0),
+    "schedule.warmup_steps": _at_least(0),
+    "schedule.lr_scheduler": _one_of("linear", "cosine", "constant"),
+    "schedule.grad_clip": _at_least(0),
+    "schedule.eval_every_steps": _at_least(0),
+    "schedule.log_every_steps": _at_least(1),
+    "schedule.seed": _at_least(0),
+    "checkpoint.every_steps": _at_least(0),
+    "checkpoint.keep_last": _at_least(1),
+    "checkpoint.resume": Rule(lambda value: value in ("auto", "never") or Path(value).exists(),
+                              "'auto', 'never' or the path of an existing checkpoint", ("auto", "never")),
+    "neuroprune.mlp_lambda": _at_least(0),
+    "neuroprune.attn_lambda": _at_least(0),
+    "neuroprune.lambda_warmup_steps": _at_least(0),
+    "neuroprune.epsilon": _positive(),
+    "neuroprune.c_min": Rule(lambda value: 0 < value <= 1, "in (0, 1]"),
+    "neuroprune.delta": _positive(),
+    "neuroprune.degree_every": _at_least(1),
+    "neuroprune.mlp_groups": _one_of("neuron", "output_rows"),
+    "neuroprune.attention_kinds": _non_empty_subset_of("self", "cross"),
+    "neuroprune.theta": _at_least(0),
+    "neuroprune.fold": _one_of("output_projection", "none"),
+    "neuroprune.prune_every_steps": _at_least(0),
+    "neuroprune.prune_start_step": _at_least(0),
+}
+
+
+def validate(config: RunConfig) -> list[str]:
+    """Check every field of an already typed configuration against ``RULES``.
+
+    Args:
+        config: a configuration built in code (loaders call this themselves).
+
+    Returns:
+        One message per violated rule; empty when the configuration is valid.
+    """
+    return _rule_errors(config, skip=set())
+
+
+def _rule_errors(config: RunConfig, skip: set[str]) -> list[str]:
+    errors = []
+    for path, rule in RULES.items():
+        if any(path == bad or path.startswith(bad + ".") for bad in skip):
+            continue  # its type error is already reported
+        value = functools.reduce(getattr, path.split("."), config)
+        if value is None or rule.check(value):
+            continue
+        message = f"{path}: {value!r} is not allowed; expected {rule.allowed}"
+        items = value if isinstance(value, list) else [value]
+        rejected = [item for item in items if item not in rule.choices]
+        guess = _nearest(rejected[0], rule.choices) if rule.choices and rejected else None
+        note = rule.notes.get(value) if isinstance(value, str) else None
+        if note is not None:
+            message += f" ({note})"
+        elif guess is not None:
+            message += f" — did you mean {guess!r}?"
+        errors.append(message)
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """Plain nested dict of a configuration (what :func:`config_from_dict` reads back)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved configuration as YAML, so a run records exactly what it ran with."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DeepSpeed JSON
+
+
+# Top-level keys DeepSpeed 0.19 reads: DeepSpeedConfig._initialize_params (deepspeed/runtime/config.py) and
+# deepspeed.initialize (deepspeed/__init__.py), named by DeepSpeed's own constants where it has them.
+DEEPSPEED_TOP_LEVEL_KEYS: frozenset[str] = frozenset({
+    ds_constants.TRAIN_BATCH_SIZE, ds_constants.TRAIN_MICRO_BATCH_SIZE_PER_GPU,
+    ds_constants.GRADIENT_ACCUMULATION_STEPS, ds_constants.MANAGED_GRADIENT_ACCUMULATION,
+    ds_constants.OPTIMIZER, ds_constants.SCHEDULER, ds_constants.ZERO_ALLOW_UNTESTED_OPTIMIZER,
+    ds_constants.ZERO_FORCE_DS_CPU_OPTIMIZER, ds_constants.STEPS_PER_PRINT, ds_constants.DUMP_STATE,
+    ds_constants.DISABLE_PYTHON_GC, ds_constants.DISABLE_ALLGATHER, ds_constants.COMMUNICATION_DATA_TYPE,
+    ds_constants.SEQ_PARALLEL_COMMUNICATION_DATA_TYPE, ds_constants.PRESCALE_GRADIENTS,
+    ds_constants.GRADIENT_PREDIVIDE_FACTOR, ds_constants.GRADIENT_ALLREDUCE_OP,
+    ds_constants.GRADIENT_CLIPPING,
+    ds_constants.FP16, ds_constants.BFLOAT16, ds_constants.BFLOAT16_OLD, ds_constants.TORCH_AUTOCAST,
+    ds_constants.WALL_CLOCK_BREAKDOWN, ds_constants.MEMORY_BREAKDOWN,
+    ds_constants.USE_DATA_BEFORE_EXPERT_PARALLEL, ds_constants.CHECKPOINT, ds_constants.DATA_TYPES,
+    ds_constants.DATALOADER_DROP_LAST, ds_constants.LOG_LEVEL, ds_constants.VOCABULARY_SIZE,
+    ZERO_OPTIMIZATION, ACT_CHKPT, COMMS_LOGGER, FLOPS_PROFILER, AUTOTUNING, DATA_EFFICIENCY, AIO,
+    DATASTATES_CHECKPOINTING, TIMERS, EXPERT_PARALLEL, *DeepSpeedMonitorConfig.model_fields,
+    # Read as string literals (no constant) in deepspeed/runtime/config.py and deepspeed/__init__.py.
+    "hybrid_engine", "pipeline", "weight_quantization", "compile", "tensor_parallel",
+    "sequence_parallel_size", "data_parallel_size",
+})
+
+
+def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
+    """Read a DeepSpeed JSON file, rejecting duplicate keys (JSON would silently keep the last one).
+
+    Raises:
+        ConfigError: the file cannot be read, is not JSON, repeats a key or is not an object.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError([f"deepspeed: cannot read {str(path)!r} (relative paths are relative to the "
+                           f"current directory): {error.strerror}"]) from error
+    duplicates: list[str] = []
+
+    def pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        duplicates.extend(sorted({key for key in keys if keys.count(key) > 1}))
+        return dict(pairs)
+
+    try:
+        ds = json.loads(text, object_pairs_hook=pairs_to_dict)
+    except json.JSONDecodeError as error:
+        raise ConfigError([f"deepspeed: cannot parse {str(path)!r} as JSON: {error}"]) from error
+    errors = [f"deepspeed: key {key!r} appears more than once in {str(path)!r}" for key in duplicates]
+    if not isinstance(ds, dict):
+        errors.append(f"deepspeed: {str(path)!r} must hold a JSON object, got {type(ds).__name__}")
+    if errors:
+        raise ConfigError(errors)
+    return ds
+
+
+def check_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int | None = None) -> list[str]:
+    """Cross-check a DeepSpeed config against the run config.
+
+    Batch sizes given as ``"auto"`` or left out are fine: the trainer fills them from ``schedule``.
+
+    Args:
+        ds: the parsed DeepSpeed JSON.
+        run: the validated run configuration.
+        world_size: number of data-parallel ranks, when known; without it ``train_batch_size`` only has to
+            be a multiple of micro_batch_size * gradient_accumulation_steps.
+
+    Returns:
+        One message per problem; empty when consistent.
+    """
+    errors = []
+    for key in ds:
+        if key not in DEEPSPEED_TOP_LEVEL_KEYS:
+            guess = _nearest(key, DEEPSPEED_TOP_LEVEL_KEYS)
+            hint = f" — did you mean {guess!r}?" if guess else " (DeepSpeed does not read it)"
+            errors.append(f"deepspeed: unknown top-level key {key!r}{hint}")
+    errors += _schedule_errors(ds, run, world_size)
+    errors += _dtype_errors(ds, run)
+    errors += _zero_errors(ds)
+    return errors
+
+
+def _schedule_errors(ds: dict[str, Any], run: RunConfig, world_size: int | None) -> list[str]:
+    errors = []
+    micro, accumulation = run.schedule.micro_batch_size, run.schedule.gradient_accumulation_steps
+    mirrored = ((ds_constants.TRAIN_MICRO_BATCH_SIZE_PER_GPU, micro, "micro_batch_size"),
+                (ds_constants.GRADIENT_ACCUMULATION_STEPS, accumulation, "gradient_accumulation_steps"),
+                (ds_constants.GRADIENT_CLIPPING, run.schedule.grad_clip, "grad_clip"))
+    for key, expected, field in mirrored:
+        if key in ds and ds[key] != "auto" and (isinstance(ds[key], bool) or ds[key] != expected):
+            errors.append(f"deepspeed.{key}: {ds[key]!r} disagrees with schedule.{field} = {expected}; "
+                          "set it to \"auto\" or remove it (the trainer fills it in)")
+    key = ds_constants.TRAIN_BATCH_SIZE
+    if key not in ds or ds[key] == "auto":
+        return errors
+    total = ds[key]
+    per_rank = micro * accumulation
+    if world_size is not None and (not _is_int(total) or total != per_rank * world_size):
+        errors.append(f"deepspeed.{key}: {total!r} is not micro_batch_size * gradient_accumulation_steps * "
+                      f"world size = {micro} * {accumulation} * {world_size} = {per_rank * world_size}; "
+                      "set it to \"auto\" or remove it")
+    elif world_size is None and (not _is_int(total) or total <= 0 or total % per_rank):
+        errors.append(f"deepspeed.{key}: {total!r} is not a positive multiple of micro_batch_size * "
+                      f"gradient_accumulation_steps = {micro} * {accumulation} = {per_rank}; "
+                      "set it to \"auto\" or remove it")
+    return errors
+
+
+def _dtype_errors(ds: dict[str, Any], run: RunConfig) -> list[str]:
+    errors = []
+    for key in (ds_constants.FP16, ds_constants.BFLOAT16, ds_constants.BFLOAT16_OLD):
+        if key in ds and not isinstance(ds[key], dict):
+            errors.append(f"deepspeed.{key}: {ds[key]!r} is not a JSON object like {{\"enabled\": false}}")
+    if _enabled(ds, ds_constants.FP16) is True:
+        errors.append("deepspeed.fp16.enabled: true is not supported (fp16 does not run on CPU DeepSpeed); "
+                      "set model.dtype=bf16 and bf16.enabled instead")
+    # DeepSpeed reads 'bfloat16' only when 'bf16' is absent (runtime/precision_config.py).
+    old_key_only = ds_constants.BFLOAT16 not in ds and ds_constants.BFLOAT16_OLD in ds
+    bf16_key = ds_constants.BFLOAT16_OLD if old_key_only else ds_constants.BFLOAT16
+    enabled = _enabled(ds, bf16_key)
+    wanted = run.model.dtype == "bf16"
+    if enabled != "auto" and (not isinstance(enabled, bool) or enabled != wanted):
+        errors.append(f"deepspeed.{bf16_key}.enabled: {json.dumps(enabled)} disagrees with model.dtype = "
+                      f"{run.model.dtype!r}; set it to {json.dumps(wanted)} or \"auto\"")
+    return errors
+
+
+def _enabled(ds: dict[str, Any], section: str) -> Any:
+    """The ``enabled`` value of a precision section; DeepSpeed's default (false) when absent."""
+    if section in ds and isinstance(ds[section], dict) and "enabled" in ds[section]:
+        return ds[section]["enabled"]
+    return False
+
+
+def _zero_errors(ds: dict[str, Any]) -> list[str]:
+    if ZERO_OPTIMIZATION not in ds:
+        return []
+    zero = ds[ZERO_OPTIMIZATION]
+    if not isinstance(zero, dict):
+        return [f"deepspeed.{ZERO_OPTIMIZATION}: {zero!r} is not a JSON object like {{\"stage\": 2}}"]
+    if "stage" in zero and (not _is_int(zero["stage"]) or not 0 <= zero["stage"] <= 3):
+        return [f"deepspeed.{ZERO_OPTIMIZATION}.stage: {zero['stage']!r} is not allowed; "
+                "expected 0, 1, 2 or 3"]
+    return []
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
