@@ -196,7 +196,7 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str], bad_paths: set[s
             return value
     elif typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
-            return value
+            return list(value)
     else:
         raise TypeError(f"{path}: annotation {tp!r} is not supported by the config loader")
     errors.append(f"{path}: {value!r} is not {_describe(tp)}{' or null' if type(None) in args else ''}"

@@ -203,6 +203,8 @@ def test_overrides_set_nested_values_lists_and_none():
     assert config.model.name_or_path == "m" and config.schedule.max_steps == 10
     assert (config.data.eval, config.task, config.neuroprune.prune_heads) == ("dev.jsonl", "seq2seq", False)
     assert raw["neuroprune"] == {"target_modules": ["mlp"]}, "the input dict must not be modified"
+    config_from_dict(raw).neuroprune.target_modules.append("q")
+    assert raw["neuroprune"] == {"target_modules": ["mlp"]}, "the config must not share lists with the input"
 
 
 def test_later_override_wins_and_values_may_contain_equals():
@@ -390,3 +392,20 @@ def test_cli_validate_resolves_a_meta_model(run_dir):
     assert "model: llama (LlamaForCausalLM)" in result.stdout
     assert "attention: 2 blocks (self 2); heads 4, KV heads 2, head dim 8" in result.stdout
     assert "FFN: 2 blocks; width 48" in result.stdout
+
+
+def test_meta_model_class_follows_the_task(tmp_path):
+    import transformers
+
+    from neuroprune_ds.cli import build_meta_model
+    transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                             num_attention_heads=4).save_pretrained(tmp_path / "llama")
+    transformers.T5Config(vocab_size=64, d_model=32, d_ff=48, d_kv=8, num_layers=1,
+                          num_heads=4).save_pretrained(tmp_path / "t5")
+    llama = build_meta_model(config_from_dict(VALID, [f"model.name_or_path={tmp_path / 'llama'}",
+                                                      "task=classification", "num_labels=3"]))
+    assert type(llama).__name__ == "LlamaForSequenceClassification" and llama.score.out_features == 3
+    assert llama.score.weight.device.type == "meta"
+    t5 = build_meta_model(config_from_dict(VALID, [f"model.name_or_path={tmp_path / 't5'}",
+                                                   "task=classification"]))
+    assert type(t5).__name__ == "T5ForConditionalGeneration", "T5 classifies text-to-text"
