@@ -12,12 +12,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import sacrebleu
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from rouge_score import rouge_scorer
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from neuroprune_ds.data import TaskData, eval_batches
 
@@ -84,6 +81,8 @@ def classification_metrics(predictions: list[int], references: list[int], *, num
     F1 is of class 1 for two classes (the GLUE convention), else macro-averaged. A prediction of -1 (a
     generated text that names no class) counts as wrong.
     """
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef  # 2-3 s to import: only when used
+
     labels = [1] if num_labels == 2 else list(range(num_labels))
     return {
         "eval/accuracy": float(accuracy_score(references, predictions)),
@@ -94,6 +93,9 @@ def classification_metrics(predictions: list[int], references: list[int], *, num
 
 def text_generation_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean ROUGE F-measures (``rouge-score``, stemmed) and corpus BLEU (``sacrebleu``), both on a 0-100 scale."""
+    import sacrebleu
+    from rouge_score import rouge_scorer  # imports nltk (about 3 s): only when used
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
     metrics = {f"eval/{kind}": 100.0 * sum(s[kind].fmeasure for s in scores) / len(scores) for kind in ROUGE_TYPES}

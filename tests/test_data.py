@@ -192,12 +192,11 @@ def test_real_causal_lm_on_austen_with_gpt2_tokenizer(tmp_path):
     from neuroprune_ds import assets
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(assets.gpt2_tokenizer_dir())))
-    text = tmp_path / "austen.txt"
-    text.write_text(assets.austen_text()[:20_000])
-    data = build_task_data(_run("causal_lm", train=str(text), max_length=64), tokenizer)
-    decoded = tokenizer.decode(data.train[0]["input_ids"])
+    novel = assets.austen_text().read_text(encoding="utf-8")[:20_000]
+    (tmp_path / "austen.txt").write_text(novel)
+    data = build_task_data(_run("causal_lm", train=str(tmp_path / "austen.txt"), max_length=64), tokenizer)
     assert len(data.train) > 50 and len(data.eval) >= 3
-    assert decoded in assets.austen_text()[:20_000]
+    assert tokenizer.decode(data.train[0]["input_ids"]) in novel  # packing keeps the text and its line breaks
 
 
 @pytest.mark.real
@@ -207,40 +206,42 @@ def test_real_seq2seq_headlines_with_t5_sentencepiece():
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(assets.t5_tokenizer_dir())))
     run = _run("seq2seq", train=str(assets.headlines_jsonl()), source_prefix="summarize: ", max_length=128,
                max_target_length=24, eval_fraction=0.2)
-    first = load_raw_dataset(str(assets.headlines_jsonl()))[0]
-    run.data.source_column, run.data.target_column = _seq2seq_columns(first)
     data = build_task_data(run, tokenizer)
-    assert len(data.eval) == len(data.eval_references) > 0
+    assert len(data.eval) == len(data.eval_references) == 14
     row = data.train[0]
     assert 0 < len(row["labels"]) <= 24 and len(row["input_ids"]) <= 128
-    assert row["labels"][-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(data.eval[0]["labels"], skip_special_tokens=True).split()[0] in data.eval_references[0]
+    assert row["labels"][-1] == tokenizer.eos_token_id and row["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(data.eval[0]["input_ids"], skip_special_tokens=True).startswith("summarize:")
+
+
+@pytest.mark.real
+def test_real_translation_with_bart_tokenizer():
+    from neuroprune_ds import assets
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(assets.gpt2_tokenizer_dir())))
+    run = _run("seq2seq", train=str(assets.translation_jsonl()), max_length=64, max_target_length=64,
+               max_train_examples=100, max_eval_examples=20)
+    data = build_task_data(run, tokenizer)
+    assert (len(data.train), len(data.eval)) == (100, 20)
+    decoded = tokenizer.decode(data.eval[0]["labels"], skip_special_tokens=True)
+    assert decoded and data.eval_references[0].startswith(decoded.strip())  # truncated at 64 tokens at most
+    batch = data.collate([data.train[i] for i in range(8)])
+    assert (batch["labels"] == -100).any() and (batch["attention_mask"] == 0).any()
 
 
 @pytest.mark.real
 def test_real_classification_rotten_tomatoes_head_and_text_to_text():
     from neuroprune_ds import assets
 
-    path = str(assets.rotten_tomatoes_jsonl())
-    first = load_raw_dataset(path)[0]
-    run = _run("classification", train=path, max_length=64, max_train_examples=200, max_eval_examples=50,
-               text_column=_pick(first, ("text", "sentence")), label_column=_pick(first, ("label", "labels")))
+    run = _run("classification", train=str(assets.rotten_tomatoes_jsonl()), max_length=64,
+               max_train_examples=200, max_eval_examples=50)
     gpt2 = load_tokenizer(ModelConfig(name_or_path=str(assets.gpt2_tokenizer_dir())))
     data = build_task_data(run, gpt2)
     assert (len(data.train), len(data.eval)) == (200, 50) and set(data.train["labels"]) == {0, 1}
+    assert data.label_names == ["0", "1"]
     batch = data.collate([data.train[i] for i in range(4)])
-    assert (batch["input_ids"] == gpt2.pad_token_id).any() or batch["attention_mask"].all()
+    assert batch["input_ids"].shape[0] == 4 and (batch["attention_mask"] == 0).any()
 
     t5 = load_tokenizer(ModelConfig(name_or_path=str(assets.t5_tokenizer_dir())))
     t2t = build_task_data(run, t5, text_to_text=True)
     assert t5.decode(t2t.train[0]["labels"], skip_special_tokens=True) == t2t.label_names[data.train[0]["labels"]]
-
-
-def _pick(row: dict, names: tuple[str, ...]) -> str:
-    return next(name for name in names if name in row)
-
-
-def _seq2seq_columns(row: dict) -> tuple[str, str]:
-    source = _pick(row, ("source", "text", "article", "body"))
-    target = _pick(row, ("target", "title", "headline", "summary"))
-    return source, target
