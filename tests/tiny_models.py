@@ -38,3 +38,49 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised tiny model of ``family`` (deterministic for a seed)."""
     torch.manual_seed(seed)
     return MODEL_CLASSES[family].from_config(TINY_CONFIGS[family]())
+
+
+def plant_redundant_units(model: torch.nn.Module, noise: float = 1e-3, seed: int = 0) -> None:
+    """Make unit 1 of every attention block a near-copy of unit 0 (so head pruning has something to find).
+
+    Other units keep their random init, whose pairwise l_inf distances (~0.09 at std 0.02) exceed the
+    test theta of 0.05, while the planted pair differs by ~3 * noise.
+    """
+    from neuroprune_ds.arch import resolve_architecture
+
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in resolve_architecture(model).attention:
+            for linear, rows in ((block.q, block.heads_per_unit * block.head_dim), (block.k, block.head_dim),
+                                 (block.v, block.head_dim)):
+                weight = params[linear.weight]
+                weight[rows:2 * rows] = weight[:rows] + noise * torch.randn(weight[:rows].shape, generator=gen)
+
+
+# Dropout off so that DeepSpeed ranks and the single-process reference compute the same function.
+NO_DROPOUT = {"opt": dict(dropout=0.0, attention_dropout=0.0), "t5": dict(dropout_rate=0.0),
+              "bart": dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
+              "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), "llama": {}}
+
+
+def equivalence_model(family: str) -> torch.nn.Module:
+    """The deterministic, dropout-free tiny model with planted redundant heads used by the ZeRO tests."""
+    torch.manual_seed(0)
+    config = TINY_CONFIGS[family]()
+    for key, value in NO_DROPOUT.get(family, {}).items():
+        setattr(config, key, value)
+    model = MODEL_CLASSES[family].from_config(config)
+    plant_redundant_units(model)
+    return model
+
+
+def batch(family: str, step: int, rank: int, micro: int = 0, size: int = 2, length: int = 8) -> dict:
+    """A deterministic random batch for (step, rank, micro-step)."""
+    gen = torch.Generator().manual_seed(1000 * step + 100 * micro + rank)
+    ids = torch.randint(3, 64, (size, length), generator=gen)
+    if family in ("t5", "t5_v1_0", "bart"):
+        return {"input_ids": ids, "labels": torch.randint(3, 64, (size, length - 2), generator=gen)}
+    if family == "bert":
+        return {"input_ids": ids, "labels": torch.randint(0, 2, (size,), generator=gen)}
+    return {"input_ids": ids, "labels": ids.clone()}

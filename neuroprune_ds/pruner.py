@@ -1,0 +1,324 @@
+"""NeuroPrune bound to a live DeepSpeed engine (ZeRO stages 0-3, fp32 or bf16).
+
+Per optimizer step, the pruner reads only this rank's shard of each penalised weight, computes per-group
+statistics (L1 norms and connection counts per FFN unit / attention input dimension), sums them over ranks
+in ONE coalesced all-reduce of O(sum of rows + columns) floats, and adds the penalty gradients to this rank's
+gradient shard between ``engine.backward`` and ``engine.step`` (so gradient clipping and the optimizer see
+task loss + penalty, exactly as if the penalty were in the loss). Head pruning gathers one attention block
+at a time, decides on rank 0, broadcasts, folds and masks. Pruned heads stay exactly zero in the parameters,
+the fp32 master and the optimizer moments.
+
+Usage::
+
+    pruner = NeuroPruner(engine, run.neuroprune)
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    pruner.after_backward()
+    engine.step()
+    pruner.after_step()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from neuroprune_ds.arch import AttentionBlock, FFNBlock, resolve_architecture
+from neuroprune_ds.config import NeuroPruneConfig
+from neuroprune_ds.flat_slice import COL, ROW, FlatSlice
+from neuroprune_ds.heads import UnitLayout, decide_redundant_units, fold_output_projection
+from neuroprune_ds.penalties import (GroupMember, GroupStats, add_penalty_grad_, attention_group_scale,
+                                     attention_penalty_value, degree_weights, group_stats, mlp_penalty_value)
+from neuroprune_ds.zero_access import ZeroAccess
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSet:
+    """Weight matrices sharing group indices, with what the pruner does with them.
+
+    kind: 'mlp' (degree-weighted L1), 'attn' (l1^(1/2) over input dimensions), or 'count' (statistics for
+    metrics only).
+    """
+
+    key: str
+    block: str
+    kind: str
+    members: tuple[tuple[str, str], ...]  # (parameter name, axis)
+
+
+def _layout(block: AttentionBlock) -> UnitLayout:
+    return UnitLayout(block.num_units, block.heads_per_unit, block.head_dim)
+
+
+def build_group_sets(arch, mlp_groups: str) -> list[GroupSet]:
+    """The group sets of a resolved architecture (see ALGORITHM.md sections 1 and 2)."""
+    sets = []
+    for block in arch.ffn:
+        inputs = tuple((linear.weight, ROW) for linear in block.inputs)
+        output = ((block.output.weight, COL),)
+        if mlp_groups == "neuron":
+            sets.append(GroupSet(f"{block.name}:in", block.name, "mlp", inputs))
+            sets.append(GroupSet(f"{block.name}:out", block.name, "mlp", output))
+        else:  # output_rows: every row of every FFN weight is its own group
+            for name, _ in inputs + ((block.output.weight, ROW),):
+                sets.append(GroupSet(f"{name}:rows", block.name, "mlp", ((name, ROW),)))
+            sets.append(GroupSet(f"{block.name}:out", block.name, "count", output))
+    for block in arch.attention:
+        sets.append(GroupSet(f"{block.name}:qkv", block.name, "attn",
+                             tuple((linear.weight, COL) for linear in (block.q, block.k, block.v))))
+        sets.append(GroupSet(f"{block.name}:o", block.name, "count", ((block.o.weight, ROW),)))
+    return sets
+
+
+class NeuroPruner:
+    """NeuroPrune's penalties, masks and head pruning on a DeepSpeed engine.
+
+    Args:
+        engine: the engine returned by ``deepspeed.initialize`` (any ZeRO stage; fp32 or bf16).
+        config: the NeuroPrune settings.
+
+    Raises:
+        ValueError: the model's architecture is not supported, or target/exclude patterns match nothing.
+    """
+
+    def __init__(self, engine, config: NeuroPruneConfig):
+        self.engine = engine
+        self.config = config
+        self.access = ZeroAccess(engine)
+        self.arch = resolve_architecture(engine.module, config)
+        self.params = dict(engine.module.named_parameters())
+        self.group_sets = build_group_sets(self.arch, config.mlp_groups)
+        self.alive = {block.name: torch.ones(block.num_units, dtype=torch.bool) for block in self.arch.attention}
+        self.optimizer_steps = 0
+        self.omega: dict[str, torch.Tensor] = {}
+        self.last_penalties = {"mlp": 0.0, "attn": 0.0}
+        self._boundary_pending = False
+        self._partitioned = any(self.access.is_partitioned(p) for p in self.params.values())
+
+    # -- the per-step hooks ----------------------------------------------------------------------------
+    def lambda_scale(self) -> float:
+        """The warm-up factor in [0, 1] applied to both lambdas at the current optimizer step."""
+        warmup = self.config.lambda_warmup_steps
+        return 1.0 if warmup <= 0 else min(1.0, self.optimizer_steps / warmup)
+
+    def after_backward(self) -> None:
+        """Add the penalty gradients and mask pruned heads' gradients; call after every ``engine.backward``.
+
+        Acts only at a gradient-accumulation boundary, on the reduced gradient shards.
+        """
+        if not self.engine.is_gradient_accumulation_boundary():
+            return
+        self._boundary_pending = True
+        if not self.config.enabled:
+            return
+        stats = self.statistics()
+        if not self.omega or self.optimizer_steps % self.config.degree_every == 0:
+            self.omega = {s.key: degree_weights(stats[s.key], self.config.c_min)
+                          for s in self.group_sets if s.kind == "mlp"}
+        scale = self.lambda_scale()
+        penalties = {"mlp": 0.0, "attn": 0.0}
+        for group_set in self.group_sets:
+            if group_set.kind == "mlp":
+                per_group, lam = self.omega[group_set.key], self.config.mlp_lambda * scale
+                penalties["mlp"] += mlp_penalty_value(stats[group_set.key], per_group)
+            elif group_set.kind == "attn":
+                per_group = attention_group_scale(stats[group_set.key], self.config.delta)
+                lam = self.config.attn_lambda * scale
+                penalties["attn"] += attention_penalty_value(stats[group_set.key], self.config.delta)
+            else:
+                continue
+            if lam:
+                for name, axis in group_set.members:
+                    self._add_penalty_grad(name, axis, per_group, lam)
+        self.last_penalties = penalties
+        self._mask(grads=True)
+
+    def after_step(self) -> None:
+        """Keep pruned weights exactly zero and run step-scheduled head pruning; call after every ``engine.step``."""
+        if not self._boundary_pending:
+            return
+        self._boundary_pending = False
+        self.optimizer_steps += 1
+        if not self.config.enabled:
+            return
+        self._mask(grads=False)
+        every = self.config.prune_every_steps
+        if every and self.optimizer_steps % every == 0:
+            self.prune_heads()
+
+    def on_epoch_end(self) -> None:
+        """Head pruning at an epoch end (the paper's schedule, used when ``prune_every_steps`` is 0)."""
+        if self.config.enabled and self.config.prune_every_steps == 0:
+            self.prune_heads()
+
+    # -- statistics ------------------------------------------------------------------------------------
+    def statistics(self) -> dict[str, GroupStats]:
+        """Per-group statistics of every group set, summed over ranks in one all-reduce (collective)."""
+        local = {}
+        for group_set in self.group_sets:
+            members = [GroupMember(self.access.master(self.params[name]), self.access.local_slice(self.params[name]),
+                                   axis) for name, axis in group_set.members]
+            local[group_set.key] = group_stats(members, self.config.epsilon)
+        if not self._partitioned:
+            return local
+        flat = [t for s in local.values() for t in (s.l1, s.nonzero)]
+        reduced = iter(self.access.all_reduce_sum(flat))
+        return {key: GroupStats(next(reduced), next(reduced), s.connections) for key, s in local.items()}
+
+    def _add_penalty_grad(self, name: str, axis: str, per_group: torch.Tensor, lam: float) -> None:
+        param = self.params[name]
+        master = self.access.master(param)
+
+        def add(grad: torch.Tensor, piece: FlatSlice) -> None:
+            add_penalty_grad_(grad, GroupMember(master, piece, axis), per_group, lam)
+
+        self.access.edit_grad(param, add)
+
+    # -- masks -----------------------------------------------------------------------------------------
+    def _mask_entries(self, block: AttentionBlock):
+        layout, alive = _layout(block), self.alive[block.name]
+        q_keep, kv_keep = layout.q_keep(alive), layout.kv_keep(alive)
+        for linear, keep in ((block.q, q_keep), (block.k, kv_keep), (block.v, kv_keep)):
+            yield linear.weight, ROW, keep
+            if linear.bias:
+                yield linear.bias, ROW, keep
+        yield block.o.weight, COL, q_keep
+
+    def _mask(self, grads: bool, blocks: list[AttentionBlock] | None = None) -> None:
+        for block in blocks or self.arch.attention:
+            if bool(self.alive[block.name].all()):
+                continue
+            for name, axis, keep in self._mask_entries(block):
+                def zero(tensor: torch.Tensor, piece: FlatSlice, axis=axis, keep=keep) -> None:
+                    piece.scale_(tensor, keep, axis)
+
+                if grads:
+                    self.access.edit_grad(self.params[name], zero)
+                else:
+                    self.access.edit_weights(self.params[name], zero, moments=True)
+
+    # -- head pruning ----------------------------------------------------------------------------------
+    def prune_heads(self) -> dict[str, dict[int, int]]:
+        """Redundant-head pruning on every attention block, one block's gathered weights at a time.
+
+        Returns:
+            Per block, the units pruned now and the unit that absorbed each (identical on every rank).
+        """
+        if not self.config.prune_heads:
+            return {}
+        changes = {}
+        for block in self.arch.attention:
+            q, k, v = (self.access.full_fp32(self.params[lin.weight]) for lin in (block.q, block.k, block.v))
+            decision = decide_redundant_units(q, k, v, _layout(block), self.alive[block.name], self.config.theta)
+            del q, k, v
+            survivor = torch.arange(block.num_units)
+            for pruned, kept in decision.replaced_by.items():
+                survivor[pruned] = kept
+            survivor = self.access.broadcast(survivor)  # rank 0 decides for everyone
+            replaced_by = {i: int(j) for i, j in enumerate(survivor.tolist()) if i != j}
+            newly_pruned = {i: j for i, j in replaced_by.items() if self.alive[block.name][i]}
+            if not newly_pruned:
+                continue
+            if self.config.fold == "output_projection":
+                self._fold(block, newly_pruned)
+            for i in newly_pruned:
+                self.alive[block.name][i] = False
+            self._mask(grads=False, blocks=[block])
+            changes[block.name] = newly_pruned
+        return changes
+
+    def _fold(self, block: AttentionBlock, replaced_by: dict[int, int]) -> None:
+        param = self.params[block.o.weight]
+        folded = fold_output_projection(self.access.full_fp32(param), replaced_by, _layout(block)).view(-1)
+
+        def write(tensor: torch.Tensor, piece: FlatSlice) -> None:
+            tensor.copy_(folded[piece.offset:piece.offset + piece.numel])
+
+        self.access.edit_weights(param, write)
+
+    # -- reporting -------------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """Scalars for logging (collective: every rank calls it). No weights are gathered."""
+        stats = self.statistics()
+        out = {"neuroprune/penalty_mlp": self.last_penalties["mlp"],
+               "neuroprune/penalty_attn": self.last_penalties["attn"],
+               "neuroprune/lambda_scale": self.lambda_scale()}
+        zeros_total, weights_total = 0.0, 0
+        for block, (zeros, weights) in self._block_sparsity(stats).items():
+            out[f"sparsity/weight/{block}"] = zeros / weights
+            zeros_total, weights_total = zeros_total + zeros, weights_total + weights
+        out["sparsity/weight"] = zeros_total / max(weights_total, 1)
+        for block in self.arch.attention:
+            out[f"heads_kept/{block.name}"] = float(self.alive[block.name].sum()) * block.heads_per_unit
+        for block, alive in self.ffn_alive(stats).items():
+            out[f"ffn_alive/{block}"] = float(alive)
+        return out
+
+    def _block_sparsity(self, stats) -> dict[str, tuple[float, int]]:
+        """Per block: (weights with |w| < epsilon, all weights) of its penalised matrices."""
+        counted = {}
+        for group_set in self.group_sets:
+            if group_set.kind == "count" and group_set.key.endswith(":out"):
+                continue  # output_rows mode: the output projection is already counted by its row set
+            nonzero = float(stats[group_set.key].nonzero.sum())
+            weights = sum(_numel(self.params[name]) for name, _ in group_set.members)
+            zeros_before, weights_before = counted.get(group_set.block, (0.0, 0))
+            counted[group_set.block] = (zeros_before + weights - nonzero, weights_before + weights)
+        return counted
+
+    def ffn_alive(self, stats: dict[str, GroupStats] | None = None) -> dict[str, int]:
+        """FFN units with at least one connection >= epsilon both in and out (collective when stats is None)."""
+        stats = stats or self.statistics()
+        alive = {}
+        for block in self.arch.ffn:
+            nonzero_in = sum(stats[s.key].nonzero for s in self.group_sets
+                             if s.block == block.name and s.key.endswith((":in", ":rows"))
+                             and s.members[0][0] != block.output.weight)
+            alive[block.name] = int(((nonzero_in > 0) & (stats[f"{block.name}:out"].nonzero > 0)).sum())
+        return alive
+
+    def ffn_degrees(self) -> dict[str, torch.Tensor]:
+        """Per FFN block, each unit's number of input connections with |w| >= epsilon (collective)."""
+        stats = self.statistics()
+        return {block.name: sum(stats[s.key].nonzero for s in self.group_sets
+                                if s.block == block.name and s.members[0][1] == ROW
+                                and s.members[0][0] != block.output.weight)
+                for block in self.arch.ffn}
+
+    def summary(self) -> dict:
+        """What is pruned, JSON-serialisable (collective)."""
+        stats = self.statistics()
+        alive = self.ffn_alive(stats)
+        sparsity = self._block_sparsity(stats)
+        zeros = sum(z for z, _ in sparsity.values())
+        weights = sum(w for _, w in sparsity.values())
+        return {
+            "attention": [{"name": b.name, "stack": b.stack, "layer": b.layer, "kind": b.kind,
+                           "num_units": b.num_units, "heads_per_unit": b.heads_per_unit,
+                           "kept_units": torch.nonzero(self.alive[b.name]).flatten().tolist()}
+                          for b in self.arch.attention],
+            "ffn": [{"name": b.name, "stack": b.stack, "layer": b.layer, "width": b.width,
+                     "alive_units": alive[b.name]} for b in self.arch.ffn],
+            "weight_sparsity": zeros / max(weights, 1),
+        }
+
+    # -- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Masks and schedule position (the degree weights are recomputed from the weights)."""
+        return {"alive": {name: mask.clone() for name, mask in self.alive.items()},
+                "optimizer_steps": self.optimizer_steps,
+                "omega": {key: value.clone() for key, value in self.omega.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()`` output; the blocks must match this model's."""
+        missing = set(self.alive) ^ set(state["alive"])
+        if missing:
+            raise ValueError(f"pruner state does not match this model: blocks differ: {sorted(missing)[:4]}")
+        self.alive = {name: mask.clone().bool() for name, mask in state["alive"].items()}
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.omega = {key: value.clone() for key, value in state.get("omega", {}).items()}
+
+
+def _numel(param: torch.nn.Parameter) -> int:
+    return int(param.ds_numel) if hasattr(param, "ds_id") else param.numel()
