@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     Returns:
         The arguments, with ``names`` filled in from ``--all``.
     """
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"assets: {', '.join(assets.ASSET_NAMES)}")
     parser.add_argument("--all", action="store_true", help="every asset")
     parser.add_argument("--check", action="store_true", help="only verify cached assets and their checksums")
