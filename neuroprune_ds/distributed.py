@@ -249,6 +249,10 @@ def setup_distributed_env(environ: MutableMapping[str, str] | None = None) -> di
                     "use 'srun python -m ...' to start one rank per task")
     added = env_from_launcher(environ)
     environ.update(added)
+    torch = sys.modules.get("torch")
+    if "OMP_NUM_THREADS" in added and torch is not None and environ is os.environ:
+        # OpenMP read the variable when torch was imported: set the pool size directly as well.
+        torch.set_num_threads(int(added["OMP_NUM_THREADS"]))
     if added:
         log.info("launcher %s: set %s", kind, " ".join(f"{k}={v}" for k, v in sorted(added.items())))
     return added
