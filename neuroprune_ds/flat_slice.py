@@ -85,18 +85,19 @@ class FlatSlice:
         """Number of groups along ``axis``: rows for ROW, columns for COL."""
         return self.rows if axis == ROW else self.cols
 
-    def group_sums(self, local: torch.Tensor, axis: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """Per-row (ROW) or per-column (COL) sums of this slice's elements; zero for groups it misses.
+    def group_sums(self, local: torch.Tensor, axis: str) -> torch.Tensor:
+        """Per-row (ROW) or per-column (COL) sums of this slice's elements (float64); zero for groups it misses.
 
-        Sums from the slices of all ranks add up to the sums over the full matrix.
+        Each block is reduced in ``local``'s dtype (fast), the partial sums are added in float64. Sums from
+        the slices of all ranks add up to the sums over the full matrix.
         """
-        out = torch.zeros(self.group_size(axis), dtype=dtype, device=local.device)
+        out = torch.zeros(self.group_size(axis), dtype=torch.float64, device=local.device)
         for block in self.blocks():
             view = block.view(local)
             if axis == ROW:
-                out[block.row:block.row + block.nrows] += view.sum(dim=1, dtype=dtype)
+                out[block.row:block.row + block.nrows] += view.sum(dim=1)
             else:
-                out[block.col:block.col + block.ncols] += view.sum(dim=0, dtype=dtype)
+                out[block.col:block.col + block.ncols] += view.sum(dim=0)
         return out
 
     def group_values(self, per_group: torch.Tensor, block: Block, axis: str) -> torch.Tensor:

@@ -112,7 +112,7 @@ class NeuroPruner:
         self._boundary_pending = True
         if not self.config.enabled:
             return
-        stats = self.statistics()
+        stats = self.statistics(kinds=("mlp", "attn"))
         if not self.omega or self.optimizer_steps % self.config.degree_every == 0:
             self.omega = {s.key: degree_weights(stats[s.key], self.config.c_min)
                           for s in self.group_sets if s.kind == "mlp"}
@@ -153,10 +153,12 @@ class NeuroPruner:
             self.prune_heads()
 
     # -- statistics ------------------------------------------------------------------------------------
-    def statistics(self) -> dict[str, GroupStats]:
-        """Per-group statistics of every group set, summed over ranks in one all-reduce (collective)."""
+    def statistics(self, kinds: tuple[str, ...] = ("mlp", "attn", "count")) -> dict[str, GroupStats]:
+        """Per-group statistics of the group sets of ``kinds``, summed over ranks in one all-reduce (collective)."""
         local = {}
         for group_set in self.group_sets:
+            if group_set.kind not in kinds:
+                continue
             members = [GroupMember(self.access.master(self.params[name]), self.access.local_slice(self.params[name]),
                                    axis) for name, axis in group_set.members]
             local[group_set.key] = group_stats(members, self.config.epsilon)
