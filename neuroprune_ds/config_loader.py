@@ -472,7 +472,19 @@ def check_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int |
     errors += _schedule_errors(ds, run, world_size)
     errors += _dtype_errors(ds, run)
     errors += _zero_errors(ds)
+    errors += _neuroprune_errors(ds, run)
     return errors
+
+
+def _neuroprune_errors(ds: dict[str, Any], run: RunConfig) -> list[str]:
+    """Combinations the pruner cannot serve (see neuroprune_ds.zero_access)."""
+    zero = ds.get(ZERO_OPTIMIZATION)
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if run.neuroprune.enabled and run.model.dtype == "bf16" and stage == 0:
+        return ["deepspeed.zero_optimization.stage: 0 with model.dtype = 'bf16' keeps the fp32 master weights "
+                "inside DeepSpeed's FP16_Optimizer, out of NeuroPrune's reach; use stage 1 (same memory on "
+                "one rank), or fp32, or neuroprune.enabled=false"]
+    return []
 
 
 def _schedule_errors(ds: dict[str, Any], run: RunConfig, world_size: int | None) -> list[str]:

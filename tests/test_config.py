@@ -336,9 +336,10 @@ def test_train_batch_size_against_a_known_world_size(run):
 
 def test_bf16_must_be_enabled_for_a_bf16_model():
     run = config_from_dict(VALID, ["model.dtype=bf16"])
-    assert check_deepspeed_config({"bf16": {"enabled": True}}, run) == []
-    assert check_deepspeed_config({"bf16": {"enabled": "auto"}}, run) == []
-    for ds in ({}, {"bf16": {"enabled": False}}, {"bf16": {}}):
+    stage1 = {"zero_optimization": {"stage": 1}}
+    assert check_deepspeed_config({"bf16": {"enabled": True}, **stage1}, run) == []
+    assert check_deepspeed_config({"bf16": {"enabled": "auto"}, **stage1}, run) == []
+    for ds in (stage1, {"bf16": {"enabled": False}, **stage1}, {"bf16": {}, **stage1}):
         (error,) = check_deepspeed_config(ds, run)
         assert error == "deepspeed.bf16.enabled: false disagrees with model.dtype = 'bf16'; set it to true or \"auto\""
 
@@ -409,3 +410,17 @@ def test_meta_model_class_follows_the_task(tmp_path):
     t5 = build_meta_model(config_from_dict(VALID, [f"model.name_or_path={tmp_path / 't5'}",
                                                    "task=classification"]))
     assert type(t5).__name__ == "T5ForConditionalGeneration", "T5 classifies text-to-text"
+
+
+def test_neuroprune_with_bf16_at_zero_stage_0_is_refused():
+    from neuroprune_ds.config import RunConfig
+    from neuroprune_ds.config_loader import check_deepspeed_config
+
+    run = RunConfig()
+    run.model.dtype = "bf16"
+    errors = check_deepspeed_config({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}, run)
+    assert any("FP16_Optimizer" in e and "zero_optimization.stage: 0" in e for e in errors)
+    run.neuroprune.enabled = False
+    assert not check_deepspeed_config({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}, run)
+    run.neuroprune.enabled = True
+    assert not check_deepspeed_config({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}, run)
