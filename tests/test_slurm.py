@@ -308,8 +308,11 @@ def test_hostfile_sh_two_nodes_no_ssh(slurm_cluster, probe_env, tmp_path):
     assert all(r["env"]["MASTER_ADDR"] == "node1" and r["env"]["MASTER_PORT"] == "29611" for r in recs)
 
 
-@pytest.mark.parametrize("script", ["local.sh", "torchrun.sh", "hostfile.sh"])
+@pytest.mark.parametrize("script", ["local.sh", "torchrun.sh", "hostfile.sh", "slurm/one_node.sbatch",
+                                    "slurm/multi_node.sbatch"])
 def test_launch_scripts_usage(script):
     """Without arguments every launcher prints its usage and exits 2."""
-    proc = subprocess.run([REPO / "launch" / script], capture_output=True, text=True, timeout=30)
+    env = {k: v for k, v in os.environ.items() if k != "NEUROPRUNE_CONFIG"}
+    proc = subprocess.run(["bash", REPO / "launch" / script], capture_output=True, text=True, timeout=30,
+                          env=env)
     assert proc.returncode == 2 and "Usage:" in proc.stderr, proc.stderr

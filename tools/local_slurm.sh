@@ -324,6 +324,8 @@ cmd_start() {
   fi
   [[ $(id -u) == 0 ]] || die "must run as root (network namespaces, daemons as SlurmUser=root)"
   mkdir -p "$DIR"/{etc,log,run,state,spool}
+  # Logs outlive stop (for a failed CI run); a new cluster starts them afresh.
+  rm -f "$DIR"/log/*.log
   : >"$STATE"
   record NODES "$nodes"
   ensure_packages
