@@ -93,6 +93,8 @@ def slurm_cluster():
     proc = subprocess.run([str(LOCAL_SLURM), "start", "--nodes", "2"], capture_output=True, text=True,
                           timeout=600)
     if proc.returncode != 0:
+        if not was_running:
+            subprocess.run([str(LOCAL_SLURM), "stop"], timeout=120)
         pytest.fail(f"local_slurm.sh start failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     print(f"\nlocal SLURM up in {time.monotonic() - t0:.1f} s\n{proc.stdout}")
     conf = subprocess.run([str(LOCAL_SLURM), "env"], capture_output=True, text=True, check=True).stdout

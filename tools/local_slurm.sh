@@ -22,6 +22,8 @@
 #   NEUROPRUNE_SLURM_ETC_LINK 1: symlink /etc/slurm/slurm.conf to ours when absent, so plain `sbatch`
 #                             works in any shell (removed again by stop)       [1]
 set -euo pipefail
+# Daemons and ip live in sbin, which a CI shell's PATH may lack.
+export PATH=$PATH:/usr/sbin:/sbin
 
 DIR=${NEUROPRUNE_SLURM_DIR:-/tmp/neuroprune-slurm}
 NAME=${NEUROPRUNE_SLURM_NAME:-npslurm}
@@ -63,6 +65,9 @@ in_box() {
       if ! mountpoint -q /sys/fs/cgroup; then
         echo "[local_slurm] nothing mounted at /sys/fs/cgroup: mounting a private tmpfs for slurmd" >&2
         mount -t tmpfs -o mode=0755 "'"$NAME"'-cgroup" /sys/fs/cgroup
+        # ...and the named v1 hierarchy slurmd checks before it starts (cgroup/v1 is autodetected on tmpfs).
+        mkdir /sys/fs/cgroup/systemd
+        mount -t cgroup -o none,name=systemd "'"$NAME"'-cgroup" /sys/fs/cgroup/systemd
       fi
       shift 2
       exec "$@"' box "$host" "$DIR/etc/hosts" "$@" 9>&-   # daemons must not inherit the lock fd
@@ -113,10 +118,11 @@ record() { echo "$1=$2" >>"$STATE"; }
 # --------------------------------------------------------------------------------------------- install --
 ensure_packages() {
   local missing=()
-  command -v slurmctld >/dev/null || missing+=(slurm-wlm)
-  command -v munged >/dev/null || missing+=(munge)
-  command -v nsenter >/dev/null || missing+=(util-linux)
-  command -v ip >/dev/null || missing+=(iproute2)
+  # Absolute paths: /usr/sbin is not on every PATH.
+  [[ -x /usr/sbin/slurmctld && -x /usr/sbin/slurmd && -x /usr/bin/sbatch ]] || missing+=(slurm-wlm)
+  [[ -x /usr/sbin/munged ]] || missing+=(munge)
+  [[ -x /usr/bin/nsenter && -x /usr/bin/unshare ]] || missing+=(util-linux)
+  [[ -x /usr/sbin/ip || -x /usr/bin/ip || -x /sbin/ip ]] || missing+=(iproute2)
   ((${#missing[@]} == 0)) && return 0
   [[ $(id -u) == 0 ]] || die "missing ${missing[*]}; run as root so apt-get can install them"
   log "installing ${missing[*]} with apt-get"
@@ -269,9 +275,11 @@ EOF
 # ------------------------------------------------------------------------------------------- daemons --
 start_daemons() {
   local nodes=$1 i
-  in_box "$CTL_NS" ctl /usr/sbin/slurmctld -f "$CONF" -i
+  # Both daemons fork into the background once initialised; a non-zero status means they gave up.
+  in_box "$CTL_NS" ctl /usr/sbin/slurmctld -f "$CONF" -i || { dump_logs; die "slurmctld failed to start"; }
   for i in $(seq "$nodes"); do
-    in_box "$(node_ns "$i")" "node$i" /usr/sbin/slurmd -f "$CONF"
+    mkdir -p "$DIR/spool/node$i"   # slurmd would complain before creating it itself
+    in_box "$(node_ns "$i")" "node$i" /usr/sbin/slurmd -f "$CONF" || { dump_logs; die "slurmd on node$i failed to start"; }
   done
 }
 
