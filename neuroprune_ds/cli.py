@@ -16,6 +16,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
                           AutoModelForSequenceClassification)
 
 from neuroprune_ds.arch import ResolvedArchitecture, resolve_architecture
+from neuroprune_ds import train
 from neuroprune_ds.config import RunConfig
 from neuroprune_ds.config_loader import (ConfigError, check_deepspeed_config, load_config,
                                          load_deepspeed_config)
@@ -117,7 +118,17 @@ def run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_validate,)
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``neuroprune train`` (the same options as ``python -m neuroprune_ds.train``)."""
+    parser = subparsers.add_parser(
+        "train", help="fine-tune with NeuroPrune under DeepSpeed (run one process per rank)",
+        description="Fine-tune a Hugging Face model with NeuroPrune under DeepSpeed. Start one process per rank "
+        "(deepspeed --no_python / torchrun --no-python / srun), or run it alone as a single rank.")
+    train.add_arguments(parser)
+    parser.set_defaults(run=train.run_and_exit)
+
+
+SUBCOMMANDS = (add_validate, add_train)
 
 
 def build_parser() -> argparse.ArgumentParser:

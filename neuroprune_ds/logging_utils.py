@@ -68,8 +68,11 @@ class MetricsLogger:
 def heads_kept_figure(summary: dict[str, Any]) -> Figure:
     """Heatmap of kept (1) and pruned (0) attention units per layer, a panel per (stack, kind).
 
+    A unit is a head, or a KV group of ``heads_per_unit`` query heads under grouped-query attention.
+
     Args:
-        summary: ``NeuroPruner.summary()``; each attention entry has stack, layer, kind, num_units, kept_units.
+        summary: ``NeuroPruner.summary()``; each attention entry has stack, layer, kind, num_units, kept_units
+            (and optionally heads_per_unit).
     """
     panels: dict[tuple[str, str], list[dict]] = {}
     for block in summary["attention"]:
@@ -84,7 +87,9 @@ def heads_kept_figure(summary: dict[str, Any]) -> Figure:
             grid[row, list(block["kept_units"])] = 1.0
         axes.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
         axes.set_title(f"{stack} {kind}: {int(np.nansum(grid))}/{int(np.sum(~np.isnan(grid)))} kept", fontsize=9)
-        axes.set_xlabel("head")
+        group = blocks[0].get("heads_per_unit", 1)
+        axes.set_xlabel("head" if group == 1 else f"KV group ({group} query heads)")
+        axes.set_xticks(range(width))
         axes.set_ylabel("layer")
         axes.set_yticks(range(len(blocks)), [str(b["layer"]) for b in blocks])
     return figure

@@ -1,0 +1,447 @@
+"""Fine-tune a Hugging Face model with NeuroPrune under DeepSpeed.
+
+Run as ``python -m neuroprune_ds.train --config run.yaml [--deepspeed ds.json] [key=value ...]`` under the
+``deepspeed`` launcher, ``torchrun`` or ``srun`` (or alone, as one rank), or as ``neuroprune train``.
+
+The recipe is four steps: :func:`setup` (environment, seed, config, DeepSpeed JSON, tokenizer, data, model,
+optimizer, engine, pruner), :func:`train` (the loop, with evaluation on the schedule and at the end),
+:func:`evaluate_and_log`, and cleanup in :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import datasets
+import deepspeed
+import torch
+import torch.distributed as dist
+import transformers
+from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    get_scheduler,
+)
+
+from neuroprune_ds import config as config_module
+from neuroprune_ds.config import RunConfig
+from neuroprune_ds.config_loader import (
+    ConfigError,
+    check_deepspeed_config,
+    load_config,
+    load_deepspeed_config,
+    save_config,
+)
+from neuroprune_ds.data import ShardedBatchLoader, TaskData, build_task_data, load_tokenizer, uses_text_to_text
+from neuroprune_ds.distributed import barrier_and_exit, setup_distributed_env
+from neuroprune_ds.evaluation import evaluate
+from neuroprune_ds.logging_utils import MetricsLogger
+
+_SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The train options (shared by ``python -m neuroprune_ds.train`` and ``neuroprune train``)."""
+    parser.add_argument("--config", required=True, metavar="RUN.yaml", help="run config, YAML or JSON")
+    parser.add_argument("--deepspeed", metavar="DS.json", help="DeepSpeed JSON (default: the config's 'deepspeed')")
+    # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides with dotted keys, values in YAML (listed below)")
+    parser.epilog = "config keys (key=value overrides or YAML sections):\n" + config_reference()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m neuroprune_ds.train", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse train arguments; ``key=value`` overrides may come before or after the options."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if any(extra.startswith("-") or "=" not in extra for extra in extras):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    args.overrides += extras
+    return args
+
+
+def config_reference() -> str:
+    """Every configuration field as ``section.key (type, default) — docstring``, from the dataclasses."""
+    lines = []
+    for path, field, doc in _documented_fields(RunConfig, ""):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        lines.append(f"  {path}  ({field.type}, default {default!r})")
+        lines += [f"      {line}" for line in doc.splitlines()]
+    return "\n".join(lines)
+
+
+def _documented_fields(cls: type, prefix: str):
+    docs = _attribute_docstrings(cls)
+    for field in dataclasses.fields(cls):
+        section = getattr(config_module, str(field.type), None)
+        if dataclasses.is_dataclass(section):
+            yield from _documented_fields(section, f"{prefix}{field.name}.")
+        else:
+            yield prefix + field.name, field, docs.get(field.name, "")
+
+
+def _attribute_docstrings(cls: type) -> dict[str, str]:
+    """Field name → the string literal right below its annotation in the class body."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(following.value.value)
+    return docs
+
+
+# ------------------------------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass(kw_only=True)
+class Session:
+    """Everything the loop needs, built by :func:`setup`."""
+
+    run: RunConfig
+    engine: Any
+    tokenizer: Any
+    data: TaskData
+    loader: ShardedBatchLoader
+    pruner: Any
+    logger: MetricsLogger
+    rank: int
+    world_size: int
+    total_steps: int
+    zero_stage: int
+
+
+def setup(args: argparse.Namespace) -> Session:
+    """Build the run from parsed arguments (every rank does the same)."""
+    started = time.perf_counter()
+    timings = {}
+    run = load_config(args.config, args.overrides)
+    if args.deepspeed:
+        run.deepspeed = args.deepspeed
+    rank, world_size = init_distributed()
+    quiet_other_ranks(rank)
+    transformers.set_seed(run.schedule.seed)
+    ds_config = prepare_deepspeed_config(run, world_size)
+    timings["setup/distributed_s"] = time.perf_counter() - started
+
+    tokenizer = load_tokenizer(run.model)
+    text_to_text = uses_text_to_text(run.task, _load_model_config(run).model_type)
+    with main_rank_first(rank, world_size):
+        data = build_task_data(run, tokenizer, text_to_text=text_to_text)
+    loader = ShardedBatchLoader(
+        data.train, data.collate, batch_size=run.schedule.micro_batch_size, rank=rank, world_size=world_size,
+        seed=run.schedule.seed, batches_multiple_of=run.schedule.gradient_accumulation_steps,
+    )
+    steps_per_epoch = len(loader) // run.schedule.gradient_accumulation_steps
+    total_steps = run.schedule.max_steps or run.schedule.epochs * steps_per_epoch
+    timings["setup/data_s"] = time.perf_counter() - started - sum(timings.values())
+
+    engine = build_engine(run, tokenizer, ds_config, total_steps=total_steps, text_to_text=text_to_text)
+    timings["setup/engine_s"] = time.perf_counter() - started - sum(timings.values())
+    pruner = None
+    if run.neuroprune.enabled:
+        from neuroprune_ds.pruner import NeuroPruner
+
+        pruner = NeuroPruner(engine, run.neuroprune)
+    timings["setup/pruner_s"] = time.perf_counter() - started - sum(timings.values())
+
+    logger = MetricsLogger(run.output_dir, enabled=rank == 0)
+    if rank == 0:
+        save_config(run, Path(run.output_dir) / "run_config.yaml")
+        Path(run.output_dir, "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    logger.log(0, timings, kind="setup")
+    return Session(
+        run=run, engine=engine, tokenizer=tokenizer, data=data, loader=loader, pruner=pruner, logger=logger,
+        rank=rank, world_size=world_size, total_steps=total_steps, zero_stage=engine.zero_optimization_stage(),
+    )
+
+
+def prepare_deepspeed_config(run: RunConfig, world_size: int) -> dict[str, Any]:
+    """Read ``run.deepspeed``, cross-check it against the run, and fill in what the trainer decides."""
+    ds_config = load_deepspeed_config(run.deepspeed)
+    errors = check_deepspeed_config(ds_config, run, world_size)
+    if errors:
+        raise ConfigError(errors)
+    return fill_deepspeed_config(ds_config, run, world_size)
+
+
+def build_engine(run: RunConfig, tokenizer, ds_config: dict[str, Any], *, total_steps: int, text_to_text: bool):
+    """Model, AdamW and LR schedule wrapped by ``deepspeed.initialize``; returns the engine."""
+    model = load_model(run, tokenizer, text_to_text=text_to_text)
+    optimizer = build_optimizer(model, run)
+    scheduler = get_scheduler(_SCHEDULER_NAMES[run.schedule.lr_scheduler], optimizer,
+                              num_warmup_steps=run.schedule.warmup_steps, num_training_steps=total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group described by the environment (see :func:`setup_distributed_env`)."""
+    deepspeed.init_distributed()
+    return dist.get_rank(), dist.get_world_size()
+
+
+def quiet_other_ranks(rank: int) -> None:
+    """Rank 0 reports progress; the others log errors only. DeepSpeed's INFO chatter is off everywhere."""
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    if rank != 0:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+
+
+class main_rank_first:
+    """Context: rank 0 runs the block first (filling the datasets cache), then the others reuse its work."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.wait = world_size > 1
+        self.rank = rank
+
+    def __enter__(self):
+        if self.wait and self.rank != 0:
+            dist.barrier()
+
+    def __exit__(self, *exc):
+        if self.wait and self.rank == 0 and exc[0] is None:
+            dist.barrier()
+        return False
+
+
+def fill_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int) -> dict[str, Any]:
+    """Complete a DeepSpeed config from the run: batch sizes, clipping and bf16 given as "auto" or absent.
+
+    The optimizer and LR schedule are the trainer's (torch AdamW, ``schedule.*``), so the JSON may not
+    define its own. Batch-size and dtype disagreements are reported by ``check_deepspeed_config`` first.
+
+    Raises:
+        ConfigError: the JSON defines an optimizer or scheduler, or its gradient_clipping disagrees.
+    """
+    ds = copy.deepcopy(ds)
+    errors = [f"deepspeed.{key}: remove it; the trainer uses torch.optim.AdamW with the schedule.* settings"
+              for key in ("optimizer", "scheduler") if key in ds]
+    clip = ds.get("gradient_clipping", "auto")
+    if clip != "auto" and clip != run.schedule.grad_clip:
+        errors.append(f"deepspeed.gradient_clipping: {clip!r} disagrees with schedule.grad_clip = "
+                      f"{run.schedule.grad_clip}; set it to \"auto\" or remove it")
+    if errors:
+        raise ConfigError(errors)
+    schedule = run.schedule
+    ds["train_micro_batch_size_per_gpu"] = schedule.micro_batch_size
+    ds["gradient_accumulation_steps"] = schedule.gradient_accumulation_steps
+    ds["train_batch_size"] = schedule.micro_batch_size * schedule.gradient_accumulation_steps * world_size
+    ds["gradient_clipping"] = schedule.grad_clip
+    bf16 = ds.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = run.model.dtype == "bf16"
+    # A client torch optimizer needs no compiled op; ZeRO only accepts it when told so, and ZeRO-Offload
+    # additionally insists on DeepSpeedCPUAdam unless zero_force_ds_cpu_optimizer is false.
+    ds["zero_allow_untested_optimizer"] = True
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {})
+    if offload.get("device", "none") != "none":
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    return ds
+
+
+def _load_model_config(run: RunConfig):
+    try:
+        return AutoConfig.from_pretrained(run.model.name_or_path, gguf_file=run.model.gguf_file,
+                                          trust_remote_code=run.model.trust_remote_code)
+    except OSError as err:
+        raise OSError(f"cannot load model.name_or_path={run.model.name_or_path!r} (a local directory, or a hub "
+                      f"name with the hub reachable): {err}") from err
+
+
+def load_model(run: RunConfig, tokenizer, *, text_to_text: bool) -> torch.nn.Module:
+    """The pretrained model with the task's head, in fp32 (DeepSpeed casts to bf16 when enabled)."""
+    kwargs: dict[str, Any] = {"gguf_file": run.model.gguf_file, "trust_remote_code": run.model.trust_remote_code,
+                              "dtype": torch.float32}
+    if run.task == "causal_lm":
+        auto_class = AutoModelForCausalLM
+    elif run.task == "seq2seq" or text_to_text:
+        auto_class = AutoModelForSeq2SeqLM
+    else:
+        auto_class = AutoModelForSequenceClassification
+        kwargs["num_labels"] = run.num_labels
+    model = auto_class.from_pretrained(run.model.name_or_path, **kwargs)
+    if model.config.pad_token_id is None:
+        # Sequence classification of decoder models finds the last real token through the pad id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.Optimizer:
+    """torch AdamW (nothing to compile); biases and norm weights (1-D tensors) get no weight decay."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": run.schedule.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=run.schedule.lr)
+
+
+# -------------------------------------------------------------------------------------------------- loop
+
+
+def train(session: Session) -> dict[str, float]:
+    """Run optimizer steps up to ``total_steps``; returns the final evaluation metrics."""
+    run, engine, pruner, loader = session.run, session.engine, session.pruner, session.loader
+    schedule = run.schedule
+    progress = tqdm(total=session.total_steps, initial=engine.global_steps, disable=session.rank != 0,
+                    desc="train", unit="step", dynamic_ncols=True)
+    window = _Window()
+    engine.train()
+    while engine.global_steps < session.total_steps:
+        for batch in loader:
+            batch = {key: value.to(engine.device) for key, value in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            if pruner is not None:
+                pruner.after_backward()
+            step_before = engine.global_steps
+            engine.step()
+            if pruner is not None:
+                pruner.after_step()
+            window.add(loss.item(), _count_tokens(batch))
+            if engine.global_steps == step_before:
+                continue
+            step = engine.global_steps
+            progress.update(1)
+            if loader.batch_index == len(loader) and pruner is not None:
+                pruner.on_epoch_end()
+            if step % schedule.log_every_steps == 0 or step == session.total_steps:
+                metrics = log_train_step(session, window, step)
+                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+            if step == session.total_steps:
+                break
+            if schedule.eval_every_steps and step % schedule.eval_every_steps == 0:
+                evaluate_and_log(session, step)
+                engine.train()
+    progress.close()
+    return evaluate_and_log(session, engine.global_steps)
+
+
+class _Window:
+    """Losses and token counts of this rank since the last logged step."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.loss_sum, self.micro_batches, self.tokens, self.start = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: float, tokens: int):
+        self.loss_sum += loss
+        self.micro_batches += 1
+        self.tokens += tokens
+
+
+def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def log_train_step(session: Session, window: _Window, step: int) -> dict[str, float]:
+    """Average the window across ranks and log loss, lr, tokens/s and the pruner's metrics (collective)."""
+    totals = torch.tensor([window.loss_sum, window.micro_batches, window.tokens], dtype=torch.float64)
+    if session.world_size > 1:
+        dist.all_reduce(totals)
+    elapsed = time.perf_counter() - window.start
+    metrics = {
+        "train/loss": float(totals[0] / totals[1]),
+        "train/lr": float(session.engine.get_lr()[0]),
+        "train/tokens_per_s": float(totals[2] / elapsed),
+        "train/epoch": step / (len(session.loader) // session.run.schedule.gradient_accumulation_steps),
+    }
+    if session.pruner is not None:
+        metrics |= session.pruner.metrics()
+    session.logger.log(step, metrics, kind="train")
+    window.reset()
+    return metrics
+
+
+def evaluate_and_log(session: Session, step: int) -> dict[str, float]:
+    """Evaluate (all ranks), then log the metrics, the heads-kept heatmap and FFN-degree histograms."""
+    run = session.run
+    max_new_tokens = run.data.max_target_length
+    metrics = evaluate(
+        session.engine, session.data, session.tokenizer, batch_size=run.schedule.micro_batch_size,
+        max_new_tokens=max_new_tokens, rank=session.rank, world_size=session.world_size,
+        synced_generation=session.zero_stage == 3 and session.world_size > 1,
+    )
+    if session.pruner is not None:
+        summary = session.pruner.summary()
+        degrees = session.pruner.ffn_degrees()
+        session.logger.log_heads_kept(step, summary)
+        session.logger.log_ffn_degrees(step, degrees)
+        if session.rank == 0:
+            Path(run.output_dir, "neuroprune_summary.json").write_text(json.dumps(summary, indent=1))
+    session.logger.log(step, metrics, kind="eval")
+    if session.rank == 0:
+        tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------- entry
+
+
+def run_training(args: argparse.Namespace) -> int:
+    """Set up, train and close the logger; returns the exit status (2 for configuration errors)."""
+    try:
+        session = setup(args)
+    except ConfigError as err:
+        print(f"{args.config}: {err}", file=sys.stderr)
+        return 2
+    try:
+        train(session)
+    finally:
+        session.logger.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Process entry point of ``python -m neuroprune_ds.train``."""
+    run_and_exit(parse_args(argv))
+
+
+def run_and_exit(args: argparse.Namespace) -> NoReturn:
+    """Map the launcher's environment, train, then leave through a barrier so every rank exits together."""
+    added = setup_distributed_env()
+    if "OMP_NUM_THREADS" in added:  # torch read the variable when it was imported, before it was set
+        torch.set_num_threads(int(added["OMP_NUM_THREADS"]))
+    try:
+        code = run_training(args)
+    except Exception:  # noqa: BLE001 - reported, then the process exits non-zero
+        traceback.print_exc()
+        barrier_and_exit(1, barrier=False)  # the other ranks may be stuck in a collective
+    barrier_and_exit(code)
+
+
+if __name__ == "__main__":
+    main()

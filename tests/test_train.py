@@ -1,0 +1,108 @@
+"""The trainer's pure parts: arguments, --help, DeepSpeed config completion, and the metrics logger."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from neuroprune_ds import config as config_module
+from neuroprune_ds.config import ModelConfig, RunConfig, ScheduleConfig
+from neuroprune_ds.config_loader import ConfigError
+from neuroprune_ds.logging_utils import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, heads_kept_figure
+from neuroprune_ds.train import build_optimizer, config_reference, fill_deepspeed_config, parse_args
+
+
+def _leaf_paths(cls, prefix=""):
+    for field in dataclasses.fields(cls):
+        section = getattr(config_module, str(field.type), None)
+        if dataclasses.is_dataclass(section):
+            yield from _leaf_paths(section, f"{prefix}{field.name}.")
+        else:
+            yield prefix + field.name
+
+
+def test_help_documents_every_config_field_with_its_docstring(capsys):
+    reference = config_reference()
+    for path in _leaf_paths(RunConfig):
+        assert f"  {path}  (" in reference, path
+    assert "alpha: weight of the preferential-attachment weighted L1 penalty" in reference
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "neuroprune.mlp_lambda  (float, default 1e-05)" in capsys.readouterr().out
+
+
+def test_parse_args_overrides_before_and_after_options_and_launcher_local_rank():
+    args = parse_args(["a.x=1", "--config", "run.yaml", "--local_rank=1", "--deepspeed", "ds.json", "b=2"])
+    assert (args.config, args.deepspeed, args.local_rank, args.overrides) == ("run.yaml", "ds.json", 1, ["a.x=1", "b=2"])
+    with pytest.raises(SystemExit):
+        parse_args(["--config", "run.yaml", "--bogus"])
+
+
+def _run(**schedule) -> RunConfig:
+    return RunConfig(model=ModelConfig(name_or_path="m", dtype="bf16"), schedule=ScheduleConfig(**schedule))
+
+
+def test_fill_deepspeed_config_completes_auto_fields_from_the_schedule():
+    ds = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
+          "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    filled = fill_deepspeed_config(ds, _run(micro_batch_size=3, gradient_accumulation_steps=4, grad_clip=0.5), 2)
+    assert filled["train_micro_batch_size_per_gpu"] == 3 and filled["gradient_accumulation_steps"] == 4
+    assert filled["train_batch_size"] == 24 and filled["gradient_clipping"] == 0.5
+    assert filled["bf16"] == {"enabled": True}
+    assert filled["zero_allow_untested_optimizer"] is True and filled["zero_force_ds_cpu_optimizer"] is False
+    assert ds["train_batch_size"] == "auto"  # the input is not modified
+    assert "zero_force_ds_cpu_optimizer" not in fill_deepspeed_config({"zero_optimization": {"stage": 2}}, _run(), 1)
+
+
+def test_fill_deepspeed_config_rejects_optimizer_scheduler_and_other_clipping():
+    ds = {"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}, "gradient_clipping": 2.0}
+    with pytest.raises(ConfigError) as error:
+        fill_deepspeed_config(ds, _run(grad_clip=1.0), 1)
+    assert len(error.value.errors) == 3
+    assert "deepspeed.gradient_clipping: 2.0 disagrees with schedule.grad_clip = 1.0" in str(error.value)
+
+
+def test_build_optimizer_exempts_biases_and_norms_from_weight_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    optimizer = build_optimizer(model, _run(weight_decay=0.1, lr=3e-4))
+    decay, no_decay = optimizer.param_groups
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])] and decay["weight_decay"] == 0.1
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0 and decay["lr"] == 3e-4
+
+
+def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricsLogger(tmp_path, enabled=True)
+    logger.log(2, {"train/loss": 1.5, "train/lr": float("nan")}, kind="train")
+    summary = {"attention": [{"name": f"l{i}", "stack": "decoder", "layer": i, "kind": "self", "num_units": 4,
+                              "kept_units": [0, 3]} for i in range(2)]}
+    logger.log_heads_kept(2, summary)
+    logger.log_ffn_degrees(2, {"l0.mlp": torch.tensor([3, 0, 5])})
+    logger.close()
+    record = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert record["kind"] == "train" and record["step"] == 2 and record["train/loss"] == 1.5
+    assert record["train/lr"] == "nan"
+    events = EventAccumulator(str(tmp_path / TENSORBOARD_DIR), size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    assert events.Scalars("train/loss")[0].value == 1.5
+    assert len(events.Images("neuroprune/heads_kept")) == 1
+    assert events.Histograms("ffn_degree/l0.mlp")[0].histogram_value.num == 3
+
+    quiet = MetricsLogger(tmp_path / "rank1", enabled=False)
+    quiet.log(1, {"x": 1.0}, kind="train")
+    quiet.close()
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_heads_kept_figure_has_a_panel_per_stack_and_kind():
+    attention = [{"name": f"{s}.{k}.{layer}", "stack": s, "layer": layer, "kind": k, "num_units": 3,
+                  "kept_units": [layer]} for s, k in (("encoder", "self"), ("decoder", "cross")) for layer in range(2)]
+    figure = heads_kept_figure({"attention": attention})
+    titles = [axes.get_title() for axes in figure.axes]
+    assert titles == ["encoder self: 2/6 kept", "decoder cross: 2/6 kept"]
+    grid = figure.axes[0].images[0].get_array()
+    assert grid.tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
