@@ -128,7 +128,19 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=train.run_and_exit)
 
 
-SUBCOMMANDS = (add_validate, add_train)
+def add_report(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``neuroprune report``."""
+    from neuroprune_ds import report
+
+    parser = subparsers.add_parser(
+        "report", help="plots and a markdown summary of what NeuroPrune pruned",
+        description="Plot heads kept per layer, FFN units kept per layer, the FFN degree distribution against "
+        "the dense model, and loss and sparsity over steps; write them with a markdown summary to DIR/report.")
+    report.add_arguments(parser)
+    parser.set_defaults(run=report.run)
+
+
+SUBCOMMANDS = (add_validate, add_train, add_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
