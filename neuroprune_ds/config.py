@@ -46,6 +46,13 @@ class NeuroPruneConfig:
     """Prune heads every this many optimizer steps; 0 prunes at the end of every epoch."""
     prune_start_step: int = 0
     """No head pruning before this optimizer step."""
+    target_sparsity: float | None = None
+    """Weight sparsity (fraction of penalised weights with |w| < epsilon) to reach; the lambdas are then
+    scaled by a controller on the measured sparsity instead of being tuned by hand. None: fixed lambdas."""
+    target_ramp_steps: int = 100
+    """The controller's target rises from 0 to target_sparsity over this many optimizer steps (cubic)."""
+    controller_gain: float = 2.0
+    """Per optimizer step, log(lambda scale) moves by gain * (target now - measured sparsity)."""
     target_modules: list[str] | None = None
     """Attention/FFN blocks to include (module paths; an entry matches a path equal to it, ending in
     '.'+entry, or fully matching it as a regular expression). None: every block of the architecture."""

@@ -341,6 +341,9 @@ RULES: dict[str, Rule] = {
     "neuroprune.fold": _one_of("output_projection", "none"),
     "neuroprune.prune_every_steps": _at_least(0),
     "neuroprune.prune_start_step": _at_least(0),
+    "neuroprune.target_sparsity": Rule(lambda value: 0 < value < 1, "in (0, 1)"),
+    "neuroprune.target_ramp_steps": _at_least(0),
+    "neuroprune.controller_gain": _positive(),
 }
 
 

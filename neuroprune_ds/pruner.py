@@ -28,6 +28,7 @@ from neuroprune_ds.arch import AttentionBlock, FFNBlock, resolve_architecture
 from neuroprune_ds.config import NeuroPruneConfig
 from neuroprune_ds.flat_slice import COL, ROW, FlatSlice
 from neuroprune_ds.heads import UnitLayout, decide_redundant_units, fold_output_projection
+from neuroprune_ds.sparsity_control import BINS, SparsityController, add_ratio_histogram_
 from neuroprune_ds.penalties import (GroupMember, GroupStats, add_penalty_grad_, attention_group_scale,
                                      attention_penalty_value, degree_weights, group_stats, mlp_penalty_value)
 from neuroprune_ds.zero_access import ZeroAccess
@@ -93,14 +94,53 @@ class NeuroPruner:
         self.optimizer_steps = 0
         self.omega: dict[str, torch.Tensor] = {}
         self.last_penalties = {"mlp": 0.0, "attn": 0.0}
+        self.lambda_multiplier = 1.0
+        self.measured_sparsity = 0.0
+        self.controller = SparsityController(config.controller_gain)
+        self._penalty_factors: dict[str, torch.Tensor] = {}  # last step's per-group factor of each penalised set
         self._boundary_pending = False
         self._partitioned = any(self.access.is_partitioned(p) for p in self.params.values())
 
     # -- the per-step hooks ----------------------------------------------------------------------------
     def lambda_scale(self) -> float:
-        """The warm-up factor in [0, 1] applied to both lambdas at the current optimizer step."""
+        """The factor applied to both lambdas now: linear warm-up times the target-sparsity controller's."""
         warmup = self.config.lambda_warmup_steps
-        return 1.0 if warmup <= 0 else min(1.0, self.optimizer_steps / warmup)
+        ramp = 1.0 if warmup <= 0 else min(1.0, self.optimizer_steps / warmup)
+        return ramp * self.lambda_multiplier
+
+    def target_now(self) -> float:
+        """The controller's target at the current step: a cubic ramp from 0 to ``target_sparsity``."""
+        ramp = self.config.target_ramp_steps
+        progress = 1.0 if ramp <= 0 else min(1.0, self.optimizer_steps / ramp)
+        return self.config.target_sparsity * (1.0 - (1.0 - progress) ** 3)
+
+    def _control(self, stats: dict[str, GroupStats], hist: torch.Tensor | None) -> None:
+        """Set the lambda scale for the target sparsity (see neuroprune_ds.sparsity_control); same on all ranks."""
+        sparsity = self._block_sparsity(stats)
+        zeros, total = sum(z for z, _ in sparsity.values()), max(sum(w for _, w in sparsity.values()), 1)
+        self.measured_sparsity = zeros / total
+        penalised = [s for s in self.group_sets if s.kind in ("mlp", "attn")]
+        zeros_unpenalised = sum(_numel(self.params[s.members[0][0]]) - float(stats[s.key].nonzero.sum())
+                                for s in self.group_sets if s.key.endswith(":o"))
+        n_penalised = sum(_numel(self.params[name]) for s in penalised for name, _ in s.members)
+        target = self.target_now()
+        needed = (target * total - zeros_unpenalised) / max(n_penalised, 1)
+        self.lambda_multiplier = self.controller.update(hist, needed, target, self.measured_sparsity)
+
+    def _ratio_histogram(self) -> torch.Tensor:
+        """This rank's histogram of |task gradient| / (lambda * group factor) over its penalised shards."""
+        hist = torch.zeros(BINS, dtype=torch.float64)
+        for group_set in self.group_sets:
+            if group_set.key not in self._penalty_factors:
+                continue
+            lam = self.config.mlp_lambda if group_set.kind == "mlp" else self.config.attn_lambda
+            inverse = 1.0 / (lam * self._penalty_factors[group_set.key])
+            for name, axis in group_set.members:
+                def add(grad: torch.Tensor, piece: FlatSlice, axis=axis) -> None:
+                    add_ratio_histogram_(hist, grad, piece, axis, inverse)
+
+                self.access.edit_grad(self.params[name], add)
+        return hist
 
     def after_backward(self) -> None:
         """Add the penalty gradients and mask pruned heads' gradients; call after every ``engine.backward``.
@@ -112,7 +152,12 @@ class NeuroPruner:
         self._boundary_pending = True
         if not self.config.enabled:
             return
-        stats = self.statistics(kinds=("mlp", "attn"))
+        controlled = self.config.target_sparsity is not None
+        local = self._local_statistics(("mlp", "attn", "count") if controlled else ("mlp", "attn"))
+        hist = self._ratio_histogram() if controlled and self._penalty_factors else None
+        stats, hist = self._reduce(local, hist)
+        if controlled:
+            self._control(stats, hist)
         if not self.omega or self.optimizer_steps % self.config.degree_every == 0:
             self.omega = {s.key: degree_weights(stats[s.key], self.config.c_min)
                           for s in self.group_sets if s.kind == "mlp"}
@@ -128,6 +173,7 @@ class NeuroPruner:
                 penalties["attn"] += attention_penalty_value(stats[group_set.key], self.config.delta)
             else:
                 continue
+            self._penalty_factors[group_set.key] = per_group
             if lam:
                 for name, axis in group_set.members:
                     self._add_penalty_grad(name, axis, per_group, lam)
@@ -144,29 +190,39 @@ class NeuroPruner:
             return
         self._mask(grads=False)
         every = self.config.prune_every_steps
-        if every and self.optimizer_steps % every == 0:
+        if every and self.optimizer_steps % every == 0 and self.optimizer_steps >= self.config.prune_start_step:
             self.prune_heads()
 
     def on_epoch_end(self) -> None:
         """Head pruning at an epoch end (the paper's schedule, used when ``prune_every_steps`` is 0)."""
-        if self.config.enabled and self.config.prune_every_steps == 0:
+        started = self.optimizer_steps >= self.config.prune_start_step
+        if self.config.enabled and self.config.prune_every_steps == 0 and started:
             self.prune_heads()
 
     # -- statistics ------------------------------------------------------------------------------------
-    def statistics(self, kinds: tuple[str, ...] = ("mlp", "attn", "count")) -> dict[str, GroupStats]:
-        """Per-group statistics of the group sets of ``kinds``, summed over ranks in one all-reduce (collective)."""
+    def statistics(self) -> dict[str, GroupStats]:
+        """Per-group statistics of every group set, summed over ranks in one all-reduce (collective)."""
+        return self._reduce(self._local_statistics(("mlp", "attn", "count")))[0]
+
+    def _local_statistics(self, kinds: tuple[str, ...]) -> dict[str, GroupStats]:
         local = {}
         for group_set in self.group_sets:
-            if group_set.kind not in kinds:
-                continue
-            members = [GroupMember(self.access.master(self.params[name]), self.access.local_slice(self.params[name]),
-                                   axis) for name, axis in group_set.members]
-            local[group_set.key] = group_stats(members, self.config.epsilon)
+            if group_set.kind in kinds:
+                members = [GroupMember(self.access.master(self.params[name]),
+                                       self.access.local_slice(self.params[name]), axis)
+                           for name, axis in group_set.members]
+                local[group_set.key] = group_stats(members, self.config.epsilon)
+        return local
+
+    def _reduce(self, local: dict[str, GroupStats], extra: torch.Tensor | None = None):
+        """Sum local statistics (and an optional extra float64 tensor) over ranks in ONE all-reduce."""
         if not self._partitioned:
-            return local
-        flat = [t for s in local.values() for t in (s.l1, s.nonzero)]
-        reduced = iter(self.access.all_reduce_sum(flat))
-        return {key: GroupStats(next(reduced), next(reduced), s.connections) for key, s in local.items()}
+            return local, extra
+        flat = [t for s in local.values() for t in (s.l1, s.nonzero)] + ([extra] if extra is not None else [])
+        reduced = self.access.all_reduce_sum(flat)
+        pieces = iter(reduced)
+        stats = {key: GroupStats(next(pieces), next(pieces), s.connections) for key, s in local.items()}
+        return stats, (reduced[-1] if extra is not None else None)
 
     def _add_penalty_grad(self, name: str, axis: str, per_group: torch.Tensor, lam: float) -> None:
         param = self.params[name]
@@ -246,6 +302,8 @@ class NeuroPruner:
         out = {"neuroprune/penalty_mlp": self.last_penalties["mlp"],
                "neuroprune/penalty_attn": self.last_penalties["attn"],
                "neuroprune/lambda_scale": self.lambda_scale()}
+        if self.config.target_sparsity is not None:
+            out["neuroprune/target_sparsity"] = self.target_now()
         zeros_total, weights_total = 0.0, 0
         for block, (zeros, weights) in self._block_sparsity(stats).items():
             out[f"sparsity/weight/{block}"] = zeros / weights
@@ -310,6 +368,8 @@ class NeuroPruner:
         """Masks and schedule position (the degree weights are recomputed from the weights)."""
         return {"alive": {name: mask.clone() for name, mask in self.alive.items()},
                 "optimizer_steps": self.optimizer_steps,
+                "lambda_multiplier": self.lambda_multiplier,
+                "controller": self.controller.state_dict(),
                 "omega": {key: value.clone() for key, value in self.omega.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -319,6 +379,9 @@ class NeuroPruner:
             raise ValueError(f"pruner state does not match this model: blocks differ: {sorted(missing)[:4]}")
         self.alive = {name: mask.clone().bool() for name, mask in state["alive"].items()}
         self.optimizer_steps = int(state["optimizer_steps"])
+        self.lambda_multiplier = float(state.get("lambda_multiplier", 1.0))
+        if "controller" in state:
+            self.controller.load_state_dict(state["controller"])
         self.omega = {key: value.clone() for key, value in state.get("omega", {}).items()}
 
 
