@@ -205,7 +205,24 @@ def build_engine(run: RunConfig, tokenizer, ds_config: dict[str, Any], *, total_
 def init_distributed() -> tuple[int, int]:
     """Join the process group described by the environment (see :func:`setup_distributed_env`)."""
     deepspeed.init_distributed()
-    return dist.get_rank(), dist.get_world_size()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    release_shm_allreduce_buffer(rank, world_size)
+    return rank, world_size
+
+
+def release_shm_allreduce_buffer(rank: int, world_size: int) -> None:
+    """Unlink the /dev/shm file of DeepSpeed's CPU shared-memory all-reduce once every rank has mapped it.
+
+    When all ranks share one node (the deepspeed launcher's LOCAL_SIZE equals the world size), DeepSpeed 0.19
+    creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`` (66 MB) per rank
+    and never unlinks it, so every run leaked them. After the barrier every rank has mapped every buffer;
+    the mappings outlive the name. The deepspeed-launcher test pins the file name.
+    """
+    if world_size > 1:
+        dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def quiet_other_ranks(rank: int) -> None:
@@ -368,7 +385,10 @@ def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def log_train_step(session: Session, window: _Window, step: int) -> dict[str, float]:
-    """Average the window across ranks and log loss, lr, tokens/s and the pruner's metrics (collective)."""
+    """Average the window across ranks and log loss, lr, grad norm, tokens/s and the pruner's metrics (collective).
+
+    tokens/s counts non-padding input tokens of all ranks (encoder inputs for seq2seq) over wall time.
+    """
     totals = torch.tensor([window.loss_sum, window.micro_batches, window.tokens], dtype=torch.float64)
     if session.world_size > 1:
         dist.all_reduce(totals)
@@ -379,6 +399,9 @@ def log_train_step(session: Session, window: _Window, step: int) -> dict[str, fl
         "train/tokens_per_s": float(totals[2] / elapsed),
         "train/epoch": step / (len(session.loader) // session.run.schedule.gradient_accumulation_steps),
     }
+    grad_norm = session.engine.get_global_grad_norm()  # of the last step, before clipping; None if not computed
+    if grad_norm is not None:
+        metrics["train/grad_norm"] = float(grad_norm)
     if session.pruner is not None:
         metrics |= session.pruner.metrics()
     session.logger.log(step, metrics, kind="train")

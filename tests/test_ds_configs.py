@@ -25,10 +25,10 @@ STEPS = 3
 def test_every_shipped_deepspeed_config_trains_on_two_ranks(tmp_path):
     assert len(SHIPPED) >= 10, SHIPPED
     out = tmp_path / "results.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning",
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning", LOCAL_SIZE="2",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), __file__, str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), __file__, str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     results = json.loads(out.read_text())
@@ -69,20 +69,28 @@ def _worker(out: Path) -> None:
     import torch.distributed as dist
     import transformers
 
-    from neuroprune_ds.config import ModelConfig, RunConfig, ScheduleConfig
+    from neuroprune_ds.config import ModelConfig, NeuroPruneConfig, RunConfig, ScheduleConfig
     from neuroprune_ds.config_loader import check_deepspeed_config, load_deepspeed_config
-    from neuroprune_ds.train import build_optimizer, fill_deepspeed_config
+    from neuroprune_ds.train import build_optimizer, fill_deepspeed_config, release_shm_allreduce_buffer
 
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    # LOCAL_SIZE (set by the test, as the deepspeed launcher does) switches on DeepSpeed's shm all-reduce.
+    buffer = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+                                 f"{os.environ['MASTER_PORT']}_{rank}")
+    assert buffer.exists(), sorted(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    release_shm_allreduce_buffer(rank, world_size)
+    assert not buffer.exists()
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=96)
     inputs = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(rank))
     results = {}
     for path in SHIPPED:
         dtype = "bf16" if "bf16" in path.name else "fp32"
+        # The engine alone is under test; zero0_bf16 is for dense runs (the config check refuses NeuroPrune there).
         run = RunConfig(model=ModelConfig(name_or_path="tiny", dtype=dtype),
-                        schedule=ScheduleConfig(micro_batch_size=2, lr=1e-2, grad_clip=1.0))
+                        schedule=ScheduleConfig(micro_batch_size=2, lr=1e-2, grad_clip=1.0),
+                        neuroprune=NeuroPruneConfig(enabled=False))
         ds = load_deepspeed_config(path)
         errors = check_deepspeed_config(ds, run, world_size)
         assert not errors, (path.name, errors)
