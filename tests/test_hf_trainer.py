@@ -21,11 +21,13 @@ import sys
 
 import pytest
 import torch
+from transformers import Trainer, TrainingArguments
 
-sys.path.insert(0, os.path.dirname(__file__))
+from neuroprune_ds.config import NeuroPruneConfig
+from neuroprune_ds.hf_trainer import add_neuroprune, attach_neuroprune
+from tiny_models import tiny_model
 
 SCENARIOS = [f"{stage}:1:steps" for stage in range(4)] + ["3:2:steps", "2:1:epochs", "2:1:resume", "3:1:resume"]
-pytestmark = pytest.mark.dist
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,7 @@ def result_of(results, scenario):
     return results[scenario]["trainer"], results[scenario]["by_hand"]
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_trainer_weights_equal_the_pruner_driven_by_hand(results, scenario):
     trainer, by_hand = result_of(results, scenario)
@@ -56,6 +59,7 @@ def test_trainer_weights_equal_the_pruner_driven_by_hand(results, scenario):
                                    msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_trainer_prunes_the_planted_heads_like_the_pruner(results, scenario):
     trainer, by_hand = result_of(results, scenario)
@@ -64,6 +68,7 @@ def test_trainer_prunes_the_planted_heads_like_the_pruner(results, scenario):
     assert trainer["optimizer_steps"] == 4
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_trainer_runs_two_real_data_parallel_ranks(results, scenario):
     trainer, _ = result_of(results, scenario)
@@ -72,6 +77,7 @@ def test_trainer_runs_two_real_data_parallel_ranks(results, scenario):
     assert trainer["step_hook_removed"], "engine.step is still wrapped after training"
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("scenario", ["0:1:steps", "3:2:steps"])
 def test_neuroprune_metrics_reach_the_trainer_logs(results, scenario):
     trainer, _ = result_of(results, scenario)
@@ -80,3 +86,14 @@ def test_neuroprune_metrics_reach_the_trainer_logs(results, scenario):
     assert all(0.0 < entry["sparsity/weight"] < 1.0 for entry in logged)
     assert {"neuroprune/penalty_mlp", "neuroprune/penalty_attn"} <= logged[-1].keys()
     assert any(key.startswith("heads_kept/") for key in logged[-1])
+
+
+def test_add_neuroprune_refuses_a_trainer_without_deepspeed(tmp_path):
+    trainer = Trainer(model=tiny_model("llama"), args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    with pytest.raises(ValueError, match=r"runs under DeepSpeed: set TrainingArguments\(deepspeed="):
+        add_neuroprune(trainer, NeuroPruneConfig())
+
+
+def test_attach_neuroprune_refuses_a_plain_module():
+    with pytest.raises(ValueError, match="needs a DeepSpeedEngine, got LlamaForCausalLM"):
+        attach_neuroprune(tiny_model("llama"), NeuroPruneConfig())
