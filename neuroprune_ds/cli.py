@@ -128,6 +128,30 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=train.run_and_exit)
 
 
+def add_convert(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``neuroprune convert``."""
+    from neuroprune_ds.export.convert import run_convert  # heavy imports only when the subcommand is built
+
+    parser = subparsers.add_parser(
+        "convert", help="export a pruned DeepSpeed checkpoint as a Hugging Face model (dense or compact)",
+        description="Convert CKPT_DIR (a NeuroPrune DeepSpeed checkpoint of any ZeRO stage, with config.json "
+        "beside it) to OUT_DIR. 'dense' keeps the stock architecture with pruned weights exactly zero; "
+        "'compact' removes pruned heads and dead FFN units (per-layer sizes, model code shipped in OUT_DIR and "
+        "registered through auto_map). The export is written to a temporary directory, its logits are checked "
+        "against the masked model's (max |diff| <= 1e-4, fp32), and it is then renamed to OUT_DIR. "
+        f"Exits 0 on success, {EXIT_INVALID} on errors a user can fix.")
+    parser.add_argument("ckpt_dir", metavar="CKPT_DIR", help="DeepSpeed checkpoint directory (holds 'latest')")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the Hugging Face model")
+    parser.add_argument("--format", choices=("dense", "compact"), required=True, help="export format")
+    parser.add_argument("--tag", help="checkpoint tag (default: the one named in CKPT_DIR/latest)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--no-verify", action="store_true", help="skip the logits and parameter-count check")
+    parser.add_argument("--threshold", nargs="?", type=float, const="epsilon", metavar="EPS",
+                        help="first set penalised weights with |w| < EPS to 0 (EPS defaults to the run's "
+                        "neuroprune.epsilon)")
+    parser.set_defaults(run=run_convert)
+
+
 def add_report(subparsers: argparse._SubParsersAction) -> None:
     """Register ``neuroprune report``."""
     from neuroprune_ds import report
@@ -140,7 +164,7 @@ def add_report(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=report.run)
 
 
-SUBCOMMANDS = (add_validate, add_train, add_report)
+SUBCOMMANDS = (add_validate, add_train, add_convert, add_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
