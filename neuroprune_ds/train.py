@@ -358,8 +358,9 @@ def train(session: Session) -> dict[str, float]:
             if step == session.total_steps:
                 break
             if schedule.eval_every_steps and step % schedule.eval_every_steps == 0:
+                eval_started = time.perf_counter()
                 evaluate_and_log(session, step)
-                engine.train()
+                window.start += time.perf_counter() - eval_started  # tokens/s measures training only
     progress.close()
     return evaluate_and_log(session, engine.global_steps)
 

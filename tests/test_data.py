@@ -83,6 +83,14 @@ def test_load_errors_name_the_problem(tmp_path, monkeypatch):
         load_raw_dataset("some-org/some-data:train")
 
 
+def test_unreachable_hub_tokenizer_names_the_field(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match=r"cannot load the tokenizer from 'some-org/some-model' \(model.tokenizer"):
+        load_tokenizer(ModelConfig(name_or_path="some-org/some-model"))
+
+
 def test_causal_lm_packs_blocks_and_splits_eval(tmp_path, tokenizer):
     path = tmp_path / "t.txt"
     path.write_text("".join(sentence(i) + "\n" for i in range(40)))
