@@ -258,52 +258,61 @@ def _pruned_fraction(records: list[dict], prefix: str, totals: dict[str, int]) -
 def summary_markdown(pruning: Pruning, degrees: dict[str, dict[str, np.ndarray]], full_degree: int | None,
                      metrics_path: Path | None, records: list[dict], plots: list[str]) -> str:
     """The report's markdown: totals, per-layer tables, degree statistics, the last logged metrics, plots."""
+    lines = [f"# NeuroPrune report: {pruning.source.parent}", "",
+             f"Source: `{pruning.source.name}` ({pruning.kind}); epsilon {pruning.epsilon:g}.", ""]
+    lines += _structure_lines(pruning)
+    lines += ["", "## FFN neuron degrees", ""] + _degree_lines(degrees, full_degree, pruning.epsilon)
+    lines += ["", "## Training", ""] + _training_lines(metrics_path, records)
+    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _structure_lines(pruning: Pruning) -> list[str]:
     heads_total = sum(a.num_heads for a in pruning.attention)
     heads_kept = sum(len(a.kept_heads) for a in pruning.attention)
-    width_total = sum(f.width for f in pruning.ffn)
-    units_kept = sum(f.kept_units for f in pruning.ffn)
-    structural = "n/a (export the run)" if pruning.structural_sparsity is None else f"{pruning.structural_sparsity:.6f}"
-    lines = [f"# NeuroPrune report: {pruning.source.parent}", "",
-             f"Source: `{pruning.source.name}` ({pruning.kind}); epsilon {pruning.epsilon:g}.", "",
-             "| quantity | value |", "|---|---|",
+    structural = ("n/a (export the run)" if pruning.structural_sparsity is None
+                  else f"{pruning.structural_sparsity:.6f}")
+    lines = ["| quantity | value |", "|---|---|",
              f"| weight sparsity | {pruning.weight_sparsity:.6f} |",
              f"| structural sparsity | {structural} |",
              f"| attention heads kept | {heads_kept} / {heads_total} |",
-             f"| FFN units kept | {units_kept} / {width_total} |", "",
-             "## Attention heads kept per layer", "",
+             f"| FFN units kept | {sum(f.kept_units for f in pruning.ffn)} / {sum(f.width for f in pruning.ffn)} |",
+             "", "## Attention heads kept per layer", "",
              "| block | stack | kind | layer | heads kept | heads | kept heads |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {a.name} | {a.stack} | {a.kind} | {a.layer} | {len(a.kept_heads)} | {a.num_heads} | "
               f"{', '.join(map(str, a.kept_heads))} |" for a in pruning.attention]
     lines += ["", "## FFN units kept per layer", "", "| block | stack | layer | units kept | width |",
               "|---|---|---|---|---|"]
-    lines += [f"| {f.name} | {f.stack} | {f.layer} | {f.kept_units} | {f.width} |" for f in pruning.ffn]
-    lines += ["", "## FFN neuron degrees", ""]
-    if degrees:
-        lines += [f"Degree: input connections with |w| >= {pruning.epsilon:g}; full degree {full_degree}; units "
-                  "a compact export removed count as degree 0.", "",
-                  "| model | units | degree 0 | median degree | mean degree |", "|---|---|---|---|---|"]
-        for label, per_block in degrees.items():
-            values = np.concatenate(list(per_block.values()))
-            lines.append(f"| {label} | {len(values)} | {int((values == 0).sum())} | {np.median(values):g} | "
-                         f"{values.mean():.1f} |")
-    else:
-        lines.append("Needs weights: report an export (`neuroprune convert`) for the degree distribution.")
-    lines += ["", "## Training", ""]
+    return lines + [f"| {f.name} | {f.stack} | {f.layer} | {f.kept_units} | {f.width} |" for f in pruning.ffn]
+
+
+def _degree_lines(degrees: dict[str, dict[str, np.ndarray]], full_degree: int | None, epsilon: float) -> list[str]:
+    if not degrees:
+        return ["Needs weights: report an export (`neuroprune convert`) for the degree distribution."]
+    lines = [f"Degree: input connections with |w| >= {epsilon:g}; full degree {full_degree}; units a compact "
+             "export removed count as degree 0.", "",
+             "| model | units | degree 0 | median degree | mean degree |", "|---|---|---|---|---|"]
+    for label, per_block in degrees.items():
+        values = np.concatenate(list(per_block.values()))
+        lines.append(f"| {label} | {len(values)} | {int((values == 0).sum())} | {np.median(values):g} | "
+                     f"{values.mean():.1f} |")
+    return lines
+
+
+def _training_lines(metrics_path: Path | None, records: list[dict]) -> list[str]:
     train = [r for r in records if r.get("kind") == "train"]
+    if not train:
+        return [f"No {METRICS_FILE} found (give the run directory with --run)."]
+    last = train[-1]
+    lines = [f"From `{metrics_path}`.", "", "| quantity | value |", "|---|---|",
+             f"| last logged step | {last['step']} |"]
+    lines += [f"| {key} at step {last['step']} | {last[key]:.6g} |"
+              for key in ("train/loss", "sparsity/weight") if key in last]
     evals = [r for r in records if r.get("kind") == "eval"]
-    if train:
-        last = train[-1]
-        lines += [f"From `{metrics_path}`.", "", "| quantity | value |", "|---|---|",
-                  f"| last logged step | {last['step']} |"]
-        lines += [f"| {key} at step {last['step']} | {last[key]:.6g} |"
-                  for key in ("train/loss", "sparsity/weight") if key in last]
-        if evals:
-            lines += [f"| {key} at step {evals[-1]['step']} | {value:.6g} |" for key, value in evals[-1].items()
-                      if key.startswith("eval/") and isinstance(value, float) and math.isfinite(value)]
-    else:
-        lines.append(f"No {METRICS_FILE} found (give the run directory with --run).")
-    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
-    return "\n".join(lines) + "\n"
+    if evals:
+        lines += [f"| {key} at step {evals[-1]['step']} | {value:.6g} |" for key, value in evals[-1].items()
+                  if key.startswith("eval/") and isinstance(value, float) and math.isfinite(value)]
+    return lines
 
 
 # -- the command -----------------------------------------------------------------------------------------
@@ -372,8 +381,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", metavar="RUN_OR_EXPORT_DIR", type=Path,
                         help=f"an export ({EXPORT_FILE}) or a run directory ({RUN_SUMMARY_FILE}, {METRICS_FILE})")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: DIR/report)")
-    parser.add_argument("--run", type=Path, dest="run_dir", metavar="RUN_DIR", help=f"the run's directory, for {METRICS_FILE} "
-                        "when DIR is an export")
+    parser.add_argument("--run", type=Path, dest="run_dir", metavar="RUN_DIR",
+                        help=f"the run's directory, for {METRICS_FILE} when DIR is an export")
     parser.add_argument("--dense", type=Path, metavar="MODEL_DIR",
                         help="the dense model (HF directory) to compare FFN degree distributions with")
 

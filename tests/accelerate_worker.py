@@ -29,7 +29,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import InitProcessGroupKwargs
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hf_trainer_worker import FAMILY, LR, ListDataset, examples, gathered_masters, neuroprune_config  # noqa: E402
+from hf_trainer_worker import FAMILY, LR, examples, gathered_masters, neuroprune_config  # noqa: E402
 from tiny_models import equivalence_model  # noqa: E402
 
 from neuroprune_ds.hf_trainer import attach_neuroprune  # noqa: E402
@@ -73,7 +73,8 @@ def train_with_accelerate(model, backend: str) -> tuple[dict, list]:
     first = torch.stack([r["input_ids"] for r in recorded]).to(accelerator.device)
     result = {"master": {k: v.cpu() for k, v in gathered_masters(pruner).items()},
               "alive": {name: mask.clone() for name, mask in pruner.alive.items()},
-              "optimizer_steps": pruner.optimizer_steps, "gradient_accumulation_steps": model.gradient_accumulation_steps(),
+              "optimizer_steps": pruner.optimizer_steps,
+              "gradient_accumulation_steps": model.gradient_accumulation_steps(),
               "zero_stage": model.zero_optimization_stage(), "num_processes": accelerator.num_processes,
               "process_index": accelerator.process_index, "torch_world_size": dist.get_world_size(),
               "ranks_saw_different_batches": bool((accelerator.gather(first[None]) != first[None]).any())}

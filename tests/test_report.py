@@ -2,7 +2,6 @@
 (neuroprune.json, the weights, neuroprune_summary.json, metrics.jsonl)."""
 
 import json
-import re
 
 import numpy as np
 import pytest
