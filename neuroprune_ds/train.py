@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from neuroprune_ds import config as config_module
+from neuroprune_ds.checkpoint import CheckpointError, CheckpointManager, Interrupted, NonFiniteError, restore_window
 from neuroprune_ds.config import RunConfig
 from neuroprune_ds.config_loader import (
     ConfigError,
@@ -49,7 +50,7 @@ from neuroprune_ds.config_loader import (
     save_config,
 )
 from neuroprune_ds.data import ShardedBatchLoader, TaskData, build_task_data, load_tokenizer, uses_text_to_text
-from neuroprune_ds.distributed import barrier_and_exit, setup_distributed_env
+from neuroprune_ds.distributed import EXIT_REQUEUE, barrier_and_exit, setup_distributed_env
 from neuroprune_ds.evaluation import evaluate
 from neuroprune_ds.logging_utils import MetricsLogger
 
@@ -152,7 +153,8 @@ def setup(args: argparse.Namespace) -> Session:
     timings["setup/distributed_s"] = time.perf_counter() - started
 
     tokenizer = load_tokenizer(run.model)
-    text_to_text = uses_text_to_text(run.task, _load_model_config(run).model_type)
+    # Only classification depends on the model type; reading a config costs ~13 s from a GGUF file.
+    text_to_text = run.task == "classification" and uses_text_to_text(run.task, load_model_config(run).model_type)
     with main_rank_first(rank, world_size):
         data = build_task_data(run, tokenizer, text_to_text=text_to_text)
     loader = ShardedBatchLoader(
@@ -287,13 +289,18 @@ def fill_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int) -
     return ds
 
 
-def _load_model_config(run: RunConfig):
+def load_model_config(run: RunConfig):
+    """The model's HF config (only its metadata is read, also from a GGUF file)."""
     try:
         return AutoConfig.from_pretrained(run.model.name_or_path, gguf_file=run.model.gguf_file,
                                           trust_remote_code=run.model.trust_remote_code)
     except OSError as err:
-        raise OSError(f"cannot load model.name_or_path={run.model.name_or_path!r} (a local directory, or a hub "
-                      f"name with the hub reachable): {err}") from err
+        raise _cannot_load_model(run, err) from err
+
+
+def _cannot_load_model(run: RunConfig, err: OSError) -> OSError:
+    return OSError(f"cannot load model.name_or_path={run.model.name_or_path!r} (a local directory, or a hub name "
+                   f"with the hub reachable): {err}")
 
 
 def load_model(run: RunConfig, tokenizer, *, text_to_text: bool) -> torch.nn.Module:
@@ -307,7 +314,10 @@ def load_model(run: RunConfig, tokenizer, *, text_to_text: bool) -> torch.nn.Mod
     else:
         auto_class = AutoModelForSequenceClassification
         kwargs["num_labels"] = run.num_labels
-    model = auto_class.from_pretrained(run.model.name_or_path, **kwargs)
+    try:
+        model = auto_class.from_pretrained(run.model.name_or_path, **kwargs)
+    except OSError as err:
+        raise _cannot_load_model(run, err) from err
     if model.config.pad_token_id is None:
         # Sequence classification of decoder models finds the last real token through the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -326,14 +336,19 @@ def build_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.Optim
 # -------------------------------------------------------------------------------------------------- loop
 
 
-def train(session: Session) -> dict[str, float]:
-    """Run optimizer steps up to ``total_steps``; returns the final evaluation metrics."""
+def train(session: Session, checkpoints: CheckpointManager, resumed=None) -> dict[str, float] | None:
+    """Run optimizer steps up to ``total_steps``; returns the final evaluation metrics, or None when a
+    preemption signal stopped the run (after checkpointing)."""
     run, engine, pruner, loader = session.run, session.engine, session.pruner, session.loader
     schedule = run.schedule
     progress = tqdm(total=session.total_steps, initial=engine.global_steps, disable=session.rank != 0,
                     desc="train", unit="step", dynamic_ncols=True)
     window = _Window()
     engine.train()
+    if resumed is not None:
+        restore_window(window, resumed.window)
+        if resumed.pending_eval and resumed.step < session.total_steps and not _evaluate(session, checkpoints, window):
+            return None
     while engine.global_steps < session.total_steps:
         for batch in loader:
             batch = {key: value.to(engine.device) for key, value in batch.items()}
@@ -341,6 +356,7 @@ def train(session: Session) -> dict[str, float]:
             engine.backward(loss)
             if pruner is not None:
                 pruner.after_backward()
+            checkpoints.guard.observe(loss)
             step_before = engine.global_steps
             engine.step()
             if pruner is not None:
@@ -358,11 +374,27 @@ def train(session: Session) -> dict[str, float]:
             if step == session.total_steps:
                 break
             if schedule.eval_every_steps and step % schedule.eval_every_steps == 0:
-                eval_started = time.perf_counter()
-                evaluate_and_log(session, step)
-                window.start += time.perf_counter() - eval_started  # tokens/s measures training only
+                if not _evaluate(session, checkpoints, window):
+                    return None
+            if checkpoints.after_step(step, window):
+                return None
     progress.close()
-    return evaluate_and_log(session, engine.global_steps)
+    metrics = _evaluate(session, checkpoints, window)
+    if metrics is not None:
+        checkpoints.save(engine.global_steps, window)
+    return metrics
+
+
+def _evaluate(session: Session, checkpoints: CheckpointManager, window: "_Window") -> dict[str, float] | None:
+    """Evaluate and log at the current step; on a preemption signal checkpoint instead and return None."""
+    eval_started = time.perf_counter()
+    try:
+        metrics = evaluate_and_log(session, session.engine.global_steps, should_stop=checkpoints.preemption.check)
+    except Interrupted:
+        checkpoints.save(session.engine.global_steps, window, pending_eval=True)
+        return None
+    window.start += time.perf_counter() - eval_started  # tokens/s measures training only
+    return metrics
 
 
 class _Window:
@@ -410,14 +442,17 @@ def log_train_step(session: Session, window: _Window, step: int) -> dict[str, fl
     return metrics
 
 
-def evaluate_and_log(session: Session, step: int) -> dict[str, float]:
-    """Evaluate (all ranks), then log the metrics, the heads-kept heatmap and FFN-degree histograms."""
+def evaluate_and_log(session: Session, step: int, should_stop=None) -> dict[str, float]:
+    """Evaluate (all ranks), then log the metrics, the heads-kept heatmap and FFN-degree histograms.
+
+    ``should_stop`` is called before every evaluation batch and may raise to abandon the evaluation.
+    """
     run = session.run
     max_new_tokens = run.data.max_target_length
     metrics = evaluate(
         session.engine, session.data, session.tokenizer, batch_size=run.schedule.micro_batch_size,
         max_new_tokens=max_new_tokens, rank=session.rank, world_size=session.world_size,
-        synced_generation=session.zero_stage == 3 and session.world_size > 1,
+        synced_generation=session.zero_stage == 3 and session.world_size > 1, should_stop=should_stop,
     )
     if session.pruner is not None:
         summary = session.pruner.summary()
@@ -439,14 +474,21 @@ def run_training(args: argparse.Namespace) -> int:
     """Set up, train and close the logger; returns the exit status (2 for configuration errors)."""
     try:
         session = setup(args)
-    except ConfigError as err:
+        checkpoints = CheckpointManager(session)
+        resumed = checkpoints.resume()
+    except (ConfigError, CheckpointError) as err:
         print(f"{args.config}: {err}", file=sys.stderr)
         return 2
+    checkpoints.preemption.install()
     try:
-        train(session)
+        metrics = train(session, checkpoints, resumed)
+    except NonFiniteError as err:  # raised on every rank at the same step
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
+        checkpoints.preemption.uninstall()
         session.logger.close()
-    return 0
+    return 0 if metrics is not None else EXIT_REQUEUE
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
