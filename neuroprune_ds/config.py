@@ -150,6 +150,9 @@ class CheckpointConfig:
     """Keep this many most recent checkpoints."""
     resume: str = "auto"
     """'auto' (resume from the latest complete checkpoint in the output dir, if any), 'never', or a path."""
+    on_nonfinite: str = "stop"
+    """A NaN/inf loss or gradient on any rank: 'stop' every rank at that step with an error (nothing of the
+    bad state is saved), or 'skip' that optimizer step on every rank and go on."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -31,6 +31,7 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     synced_generation: bool = False,
+    should_stop: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Score ``model`` on ``data.eval``; every rank must call this (it is collective when world_size > 1).
 
@@ -43,6 +44,8 @@ def evaluate(
         max_new_tokens: generation length limit (seq2seq and text-to-text classification).
         rank, world_size: this rank's share of the eval set.
         synced_generation: keep ranks generating in lock-step (required under ZeRO-3 with several ranks).
+        should_stop: called before every batch (on every rank); it may raise to abandon the evaluation,
+            e.g. the trainer's collective preemption check.
 
     Returns:
         ``eval/loss`` always; ``eval/perplexity`` (causal_lm); ``eval/accuracy``, ``eval/f1``,
@@ -51,9 +54,11 @@ def evaluate(
     was_training = model.training
     model.eval()
     generate = _generator(model, tokenizer, max_new_tokens, synced_generation)
-    results = _collect(model, data, generate, batch_size, rank, world_size)
-    if was_training:
-        model.train()
+    try:
+        results = _collect(model, data, generate, batch_size, rank, world_size, should_stop)
+    finally:
+        if was_training:
+            model.train()
     nll, count = _all_reduce_sum([results.pop("nll"), results.pop("tokens")], world_size)
     metrics = {"eval/loss": nll / max(count, 1.0)}
     if data.task == "causal_lm":
@@ -106,13 +111,16 @@ def text_generation_metrics(predictions: list[str], references: list[str]) -> di
 # -------------------------------------------------------------------------------------------------- passes
 
 
-def _collect(model, data: TaskData, generate, batch_size: int, rank: int, world_size: int) -> dict[str, Any]:
+def _collect(model, data: TaskData, generate, batch_size: int, rank: int, world_size: int,
+             should_stop: Callable[[], None] | None = None) -> dict[str, Any]:
     """This rank's summed NLL and token count, and (index, prediction) rows for generation/classification."""
     device = _device(model)
     nll = tokens = 0.0
     rows: list[tuple[int, Any]] = []
     with torch.no_grad():
         for batch in eval_batches(data.eval, data.collate, batch_size=batch_size, rank=rank, world_size=world_size):
+            if should_stop is not None:
+                should_stop()
             inputs = {key: value.to(device) for key, value in batch.inputs.items()}
             output = model(**inputs)
             valid = torch.tensor(batch.valid, device=device)

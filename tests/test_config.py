@@ -49,7 +49,7 @@ def test_misspelled_section_is_suggested():
 
 def test_unknown_key_without_a_close_match_lists_the_valid_keys():
     (error,) = errors_of({**VALID, "checkpoint": {"zzzz": 1}})
-    assert error == "unknown key 'checkpoint.zzzz'; valid keys in 'checkpoint': every_steps, keep_last, resume"
+    assert error == "unknown key 'checkpoint.zzzz'; valid keys in 'checkpoint': every_steps, keep_last, resume, on_nonfinite"
 
 
 def test_all_errors_are_reported_at_once_one_per_line():
@@ -116,6 +116,7 @@ RANGE_CASES = [
     ("checkpoint.every_steps", "-1", "0"),
     ("checkpoint.keep_last", "0", "1"),
     ("checkpoint.resume", "atuo", "never"),
+    ("checkpoint.on_nonfinite", "ignore", "skip"),
 ]
 
 

@@ -1,0 +1,526 @@
+"""Checkpoints the trainer can trust: on a schedule, at the end and on preemption; atomic; exact to resume.
+
+Layout (the exporter, :mod:`neuroprune_ds.export.checkpoint`, reads the same)::
+
+    <output_dir>/checkpoints/
+        config.json, tokenizer files   the model's HF config and tokenizer, written once by rank 0
+        step_<N>/                      what ``engine.save_checkpoint(dir, tag="step_<N>", client_state=...)`` writes
+        step_<N>/complete              written LAST by rank 0, after a barrier: every rank's files are on disk
+        latest                         names the newest complete tag; replaced atomically (rename) by rank 0
+
+A tag without ``complete`` is a save that died half-way (a rank killed, a node lost): resume never looks
+at it, ``latest`` never names it, and the next save of that step replaces it.
+
+The client state holds, besides DeepSpeed's own module/optimizer/LR-scheduler state:
+``neuroprune`` (the pruner's masks and schedule), ``neuroprune_config``, ``model`` (name, task, labels) and
+``resume``: the data position, every rank's RNG states (torch, python, numpy) and unlogged loss window, the
+world size, the metrics logged so far and whether an evaluation was interrupted.
+
+Preemption: SIGTERM and SIGUSR1 only raise a flag. The training loop (every optimizer step), the evaluation
+loop (every batch) and head pruning (every block) ask :meth:`Preemption.agreed`, an all-reduce of the flag,
+so every rank sees the request at the same point, saves the same step, and the process exits with
+:data:`~neuroprune_ds.distributed.EXIT_REQUEUE` (the sbatch scripts requeue on it).
+
+Non-finite losses or gradients are found by :class:`FiniteGuard` before ``engine.step()`` (one all-reduce at
+the gradient-accumulation boundary): every rank stops at the same step, or, with ``on_nonfinite: skip``,
+discards that step's gradients. Nothing of a bad state is ever saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST = "latest"
+COMPLETE = "complete"
+_TAG = re.compile(r"step_(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed as asked; the message says what to do instead."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients became NaN/inf on some rank (raised on every rank at the same step)."""
+
+
+class Interrupted(Exception):
+    """Raised inside evaluation or head pruning when every rank agreed to stop for a preemption signal."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True on every rank if ``flag`` is true on any rank (collective)."""
+    if not _distributed():
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------ preemption
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; :meth:`agreed` turns it into a decision shared by all ranks.
+
+    Args:
+        device: where the all-reduced flag lives (the engine's device: NCCL needs a GPU tensor).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, device):
+        self.device = device
+        self.received: str | None = None
+        self.stop = False
+        self._previous = {}
+
+    def install(self) -> None:
+        """Install the handlers (main thread only); :meth:`uninstall` restores the previous ones."""
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """Whether any rank got a signal (collective: every rank must call it at the same point)."""
+        if not self.stop:
+            self.stop = _any_rank(self.received is not None, self.device)
+        return self.stop
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` when the ranks agree to stop (collective)."""
+        if self.agreed():
+            raise Interrupted
+
+
+# ------------------------------------------------------------------------------------------ non-finite
+
+
+class FiniteGuard:
+    """Collective NaN/inf check of the losses and local gradient shards of one optimizer step.
+
+    Call :meth:`observe` after every ``engine.backward`` (and the pruner's ``after_backward``), before
+    ``engine.step()``. At a gradient-accumulation boundary it all-reduces one flag, so every rank takes the
+    same decision: raise :class:`NonFiniteError` (policy ``stop``), or (``skip``) make ``engine.step()``
+    leave weights and optimizer state untouched on every rank: at ZeRO 1-3 the gradient shards are set to
+    NaN so that DeepSpeed's own overflow check discards the step (``engine.skipped_steps`` counts it; the LR
+    schedule does not advance); at ZeRO-0 the gradients are dropped, so AdamW skips every parameter.
+    """
+
+    def __init__(self, engine, policy: str, rank: int):
+        from neuroprune_ds.zero_access import ZeroAccess
+
+        self.engine, self.policy, self.rank = engine, policy, rank
+        self.access = ZeroAccess(engine)
+        self.params = [p for p in engine.module.parameters() if p.requires_grad]
+        self.bad_loss = False
+        self.skipped_steps = 0
+
+    def observe(self, loss: torch.Tensor) -> None:
+        self.bad_loss |= not bool(torch.isfinite(loss.detach()).all())
+        if not self.engine.is_gradient_accumulation_boundary():
+            return
+        bad_grad = not self.bad_loss and not self._grads_finite()
+        mine = "loss" if self.bad_loss else "gradients" if bad_grad else None
+        self.bad_loss = False
+        if not _any_rank(mine is not None, self.engine.device):
+            return
+        step = self.engine.global_steps + 1
+        where = f"rank {self.rank}: non-finite {mine}" if mine else f"rank {self.rank}: finite"
+        if self.policy == "stop":
+            raise NonFiniteError(
+                f"non-finite loss or gradients at optimizer step {step} ({where}); every rank stops here and "
+                f"nothing of this state is checkpointed. Resume from the last checkpoint with a lower "
+                f"schedule.lr or stronger schedule.grad_clip, or set checkpoint.on_nonfinite=skip")
+        self.skipped_steps += 1
+        log.warning("non-finite loss or gradients at optimizer step %d (%s): step skipped on every rank", step,
+                    where)
+        self._discard_gradients()
+
+    def _grads_finite(self) -> bool:
+        finite = True
+
+        def check(grad: torch.Tensor, piece) -> None:
+            nonlocal finite
+            finite = finite and bool(torch.isfinite(grad).all())
+
+        for param in self.params:
+            self.access.edit_grad(param, check)
+            if not finite:
+                return False
+        return True
+
+    def _discard_gradients(self) -> None:
+        if not self.engine.zero_optimization() and not self.engine.bfloat16_enabled():
+            for param in self.params:
+                param.grad = None
+            return
+        for param in self.params:
+            self.access.edit_grad(param, lambda grad, piece: grad.fill_(float("nan")))
+
+
+# --------------------------------------------------------------------------------------- rank state
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states: torch (CPU and, when present, CUDA), python ``random`` and numpy."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_gather_object(obj) -> list:
+    if not _distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast_object(obj):
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ------------------------------------------------------------------------------------------ on disk
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step}"
+
+
+def tag_step(tag: str) -> int | None:
+    match = _TAG.fullmatch(tag)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(tag_dir: Path) -> bool:
+    """Whether every rank finished writing this tag (its ``complete`` marker exists)."""
+    return (tag_dir / COMPLETE).is_file()
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Complete ``step_<N>`` tags, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and tag_step(p.name) is not None and is_complete(p)]
+    return sorted(tags, key=tag_step)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file, fsync it, rename it over ``path``, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def find_resume_tag(ckpt_dir: Path) -> str | None:
+    """The tag ``latest`` names if it is complete, else the newest complete tag, else None."""
+    latest = ckpt_dir / LATEST
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if is_complete(ckpt_dir / tag):
+            return tag
+        log.warning("%s names %r, which is not a complete checkpoint; using the newest complete one", latest, tag)
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def universal_command(tag_dir: Path, zero_stage: int) -> str:
+    """The command that converts a ZeRO checkpoint into DeepSpeed's world-size independent form."""
+    inject = " --inject_missing_state" if zero_stage == 2 else ""
+    return (f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {tag_dir} "
+            f"--output_folder {tag_dir}_universal{inject}")
+
+
+def _is_universal(tag_dir: Path) -> bool:
+    return (tag_dir / "zero").is_dir()
+
+
+# ------------------------------------------------------------------------------------------- manager
+
+
+@dataclasses.dataclass(kw_only=True)
+class Resumed:
+    """What the loop needs from a loaded checkpoint besides the engine and pruner state."""
+
+    step: int
+    tag_dir: Path
+    pending_eval: bool
+    window: dict[str, float] | None
+
+
+class CheckpointManager:
+    """Save and resume a :class:`neuroprune_ds.train.Session` (every rank builds one and calls it alike).
+
+    Args:
+        session: the trainer's session (run config, engine, pruner, loader, tokenizer, logger, rank).
+    """
+
+    def __init__(self, session):
+        self.session = session
+        self.config = session.run.checkpoint
+        self.ckpt_dir = Path(session.run.output_dir) / CHECKPOINTS_DIR
+        self.engine = session.engine
+        self.rank, self.world_size = session.rank, session.world_size
+        self.preemption = Preemption(self.engine.device)
+        self.guard = FiniteGuard(self.engine, self.config.on_nonfinite, self.rank)
+        self.last_saved_step: int | None = None
+
+    # -- schedule -----------------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        every = self.config.every_steps
+        return bool(every) and step % every == 0
+
+    def after_step(self, step: int, window) -> bool:
+        """Save when scheduled or preempted (collective); returns True when the loop must stop (preempted)."""
+        preempted = self.preemption.agreed()
+        if preempted or self.due(step):
+            self.save(step, window)
+        if preempted:
+            log.warning("rank %d: preemption signal (%s on some rank): checkpointed step %d, exiting for requeue",
+                        self.rank, self.preemption.received or "received", step)
+        return preempted
+
+    # -- save ---------------------------------------------------------------------------------------
+    def save(self, step: int, window=None, *, pending_eval: bool = False) -> Path:
+        """Save ``step_<step>`` atomically (collective). Returns the tag directory."""
+        tag = tag_for(step)
+        tag_dir = self.ckpt_dir / tag
+        if step == self.last_saved_step and not pending_eval:
+            return tag_dir
+        started = time.perf_counter()
+        if self.rank == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if tag_dir.exists():  # an interrupted save of this step, or a run restarted with resume=never
+                shutil.rmtree(tag_dir)
+            self._write_model_files()
+        _barrier()
+        rank_states = _all_gather_object({"rng": rng_state(), "window": _window_state(window)})
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=self._client_state(
+            step, rank_states, pending_eval), save_latest=False)
+        _barrier()  # every rank's shards are written
+        if self.rank == 0:
+            marker = {"step": step, "world_size": self.world_size, "zero_stage": self.session.zero_stage,
+                      "time": time.time()}
+            _write_atomic(tag_dir / COMPLETE, json.dumps(marker) + "\n")
+            _write_atomic(self.ckpt_dir / LATEST, tag + "\n")
+            self._remove_old(keep=tag)
+        _barrier()
+        self.last_saved_step = step
+        self.session.logger.log(step, {"checkpoint/save_s": time.perf_counter() - started}, kind="checkpoint")
+        return tag_dir
+
+    def _client_state(self, step: int, rank_states: list, pending_eval: bool) -> dict[str, Any]:
+        run = self.session.run
+        state = {
+            "neuroprune_config": dataclasses.asdict(run.neuroprune),
+            "model": {"name_or_path": run.model.name_or_path, "task": run.task, "num_labels": run.num_labels},
+            "resume": {
+                "step": step,
+                "world_size": self.world_size,
+                "zero_stage": self.session.zero_stage,
+                "data": self.session.loader.state_dict(),
+                "ranks": rank_states,
+                "pending_eval": pending_eval,
+                "metrics": self._metrics_so_far(step) if self.rank == 0 else None,
+                "skipped_steps": self.guard.skipped_steps,
+            },
+        }
+        if self.session.pruner is not None:
+            state["neuroprune"] = self.session.pruner.state_dict()
+        return state
+
+    def _metrics_so_far(self, step: int) -> list[dict]:
+        from neuroprune_ds.logging_utils import METRICS_FILE
+
+        path = Path(self.session.run.output_dir) / METRICS_FILE
+        if not path.is_file():
+            return []
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in records if r.get("step", 0) <= step]
+
+    def _write_model_files(self) -> None:
+        if (self.ckpt_dir / "config.json").is_file():
+            return
+        self.engine.module.config.save_pretrained(self.ckpt_dir)
+        if self.session.tokenizer is not None:
+            self.session.tokenizer.save_pretrained(self.ckpt_dir)
+
+    def _remove_old(self, keep: str) -> None:
+        """Keep the newest ``keep_last`` complete tags; drop incomplete tags older than ``keep`` (rank 0)."""
+        newest = tag_step(keep)
+        complete = complete_tags(self.ckpt_dir)
+        doomed = set(complete[:-self.config.keep_last]) if len(complete) > self.config.keep_last else set()
+        for path in self.ckpt_dir.iterdir():
+            step = tag_step(path.name)
+            if step is None or not path.is_dir() or path.name == keep:
+                continue
+            if path.name in doomed or (step < newest and not is_complete(path)):
+                shutil.rmtree(path, ignore_errors=True)
+
+    # -- resume -------------------------------------------------------------------------------------
+    def resume(self) -> Resumed | None:
+        """Load the checkpoint ``checkpoint.resume`` asks for, if any (collective).
+
+        Raises:
+            CheckpointError: the path is not a complete checkpoint, or it was saved at another world size
+                and needs DeepSpeed's universal format (the message has the command).
+        """
+        tag_dir = _broadcast_object(self._choose() if self.rank == 0 else None)
+        if isinstance(tag_dir, CheckpointError):
+            raise tag_dir
+        if tag_dir is None:
+            return None
+        tag_dir = Path(tag_dir)
+        self._check_world_size(tag_dir)
+        load_path, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
+        state = client["resume"]
+        if self.session.pruner is not None:
+            self.session.pruner.load_state_dict(client["neuroprune"])
+        same_world = state["world_size"] == self.world_size
+        self.session.loader.load_state_dict(self._data_position(state))
+        ranks = state["ranks"]
+        set_rng_state(ranks[self.rank % len(ranks)]["rng"])
+        self.guard.skipped_steps = state.get("skipped_steps", 0)
+        if self.rank == 0:
+            self._restore_metrics(state)
+        self.last_saved_step = state["step"]
+        if self.rank == 0:
+            log.warning("resumed from %s at step %d%s", tag_dir, state["step"],
+                        "" if same_world else f" (saved by {state['world_size']} ranks, now {self.world_size})")
+        window = ranks[self.rank]["window"] if same_world else None
+        return Resumed(step=state["step"], tag_dir=tag_dir, pending_eval=state["pending_eval"], window=window)
+
+    def _choose(self):
+        """(rank 0) The tag directory to resume from, None for a fresh start, or the error to raise."""
+        resume = self.config.resume
+        if resume == "never":
+            if complete_tags(self.ckpt_dir):
+                log.warning("checkpoint.resume=never: starting afresh; checkpoints in %s will be replaced",
+                            self.ckpt_dir)
+            return None
+        if resume == "auto":
+            tag = find_resume_tag(self.ckpt_dir)
+            return str(self.ckpt_dir / tag) if tag else None
+        path = Path(resume)
+        if (path / LATEST).is_file() or complete_tags(path):
+            tag = find_resume_tag(path)
+            if tag is None:
+                return CheckpointError(f"checkpoint.resume={resume}: no complete checkpoint in it")
+            return str(path / tag)
+        if is_complete(path) or _is_universal(path):
+            return str(path)
+        others = ", ".join(complete_tags(path.parent)) or "none"
+        return CheckpointError(f"checkpoint.resume={resume}: not a complete checkpoint (no '{COMPLETE}' marker: "
+                               f"its save was interrupted); complete tags beside it: {others}")
+
+    def _check_world_size(self, tag_dir: Path) -> None:
+        marker = tag_dir / COMPLETE
+        if not marker.is_file() or self.engine.load_universal_checkpoint():
+            return
+        saved = json.loads(marker.read_text())
+        stage = saved["zero_stage"]
+        if saved["world_size"] == self.world_size or stage == 0:
+            return
+        raise CheckpointError(
+            f"{tag_dir} was saved by {saved['world_size']} ranks at ZeRO stage {stage}; this run has "
+            f"{self.world_size}. ZeRO shards cannot be loaded at another world size directly. Convert it once:\n"
+            f"    {universal_command(tag_dir, stage)}\n"
+            f"then resume with checkpoint.resume={tag_dir}_universal and "
+            f"\"checkpoint\": {{\"load_universal\": true}} in the DeepSpeed JSON")
+
+    def _data_position(self, state: dict) -> dict:
+        data = dict(state["data"])
+        if state["world_size"] != self.world_size:
+            # Same fraction of the epoch; the order of examples differs anyway (their split among ranks does).
+            loader = self.session.loader
+            multiple = self.session.run.schedule.gradient_accumulation_steps
+            index = data["batch_index"] * state["world_size"] // self.world_size // multiple * multiple
+            data.update(world_size=self.world_size, batch_index=min(index, len(loader) - multiple))
+            log.warning("world size changed (%d -> %d): data continues at epoch %d batch %d, not in the exact order",
+                        state["world_size"], self.world_size, data["epoch"], data["batch_index"])
+        return data
+
+    def _restore_metrics(self, state: dict) -> None:
+        """Drop train/eval records logged after the checkpoint by the run that was interrupted."""
+        from neuroprune_ds.logging_utils import METRICS_FILE
+
+        path = Path(self.session.run.output_dir) / METRICS_FILE
+        if not path.is_file():
+            return
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        kept = [r for r in records if r.get("kind") == "setup" or r.get("step", 0) <= state["step"]]
+        if len(kept) != len(records):
+            # The logger appends (O_APPEND): truncating and rewriting in place keeps its handle valid.
+            with open(path, "r+") as f:
+                f.seek(0)
+                f.truncate()
+                f.write("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _window_state(window) -> dict[str, float] | None:
+    if window is None:
+        return None
+    return {"loss_sum": window.loss_sum, "micro_batches": window.micro_batches, "tokens": window.tokens}
+
+
+def restore_window(window, state: dict[str, float] | None) -> None:
+    if state:
+        window.loss_sum, window.micro_batches, window.tokens = (state["loss_sum"], state["micro_batches"],
+                                                                state["tokens"])

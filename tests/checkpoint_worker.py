@@ -1,0 +1,102 @@
+"""Runs several trainings of ``neuroprune_ds.train`` in ONE distributed launch (see tests/test_checkpoint.py).
+
+Usage (under torchrun, or alone for one rank): ``python tests/checkpoint_worker.py PLAN.json``. The plan is a
+list of runs ``{"name", "config", "deepspeed", "overrides", "faults"}``; each is ``run_training`` of the real
+trainer, so a launch pays the process start and imports once. Faults are injected from here, never from the
+package: ``signal_at`` (a real SIGUSR1/SIGTERM sent to one rank after an optimizer step, or during the
+evaluation at that step), ``kill_in_save`` (SIGKILL of one rank inside a save, after the others started
+writing), ``nan_grad_at`` (NaN in one rank's gradient shard at a step). Results (exit status, resume
+details, pruner masks after resume) go to ``<plan dir>/result-<name>-rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from neuroprune_ds.distributed import barrier_and_exit, setup_distributed_env
+
+
+def main(plan_path: str) -> None:
+    setup_distributed_env()
+    import torch
+
+    from neuroprune_ds import checkpoint, train
+
+    torch.set_num_threads(1)
+    plan = json.loads(Path(plan_path).read_text())
+    original = {name: getattr(checkpoint.CheckpointManager, name) for name in ("after_step", "save", "resume")}
+    original_check = checkpoint.Preemption.check
+    original_observe = checkpoint.FiniteGuard.observe
+    for run in plan:
+        faults = run.get("faults", {})
+        record: dict = {}
+
+        def after_step(self, step, window, faults=faults):
+            sig = faults.get("signal_at")
+            if sig and not sig.get("eval") and step == sig["step"] and self.rank == sig["rank"]:
+                os.kill(os.getpid(), getattr(signal, sig["signal"]))
+            return original["after_step"](self, step, window)
+
+        def check(self, faults=faults):
+            sig = faults.get("signal_at")
+            manager = self._manager
+            if (sig and sig.get("eval") and manager.engine.global_steps == sig["step"]
+                    and manager.rank == sig["rank"] and self.received is None):
+                os.kill(os.getpid(), getattr(signal, sig["signal"]))
+            return original_check(self)
+
+        def save(self, step, window=None, *, pending_eval=False, faults=faults):
+            kill = faults.get("kill_in_save")
+            if kill and step == kill["step"] and self.rank == kill["rank"]:
+                import time
+
+                time.sleep(1.0)  # the other rank is inside engine.save_checkpoint by now
+                os.kill(os.getpid(), signal.SIGKILL)
+            tag_dir = original["save"](self, step, window, pending_eval=pending_eval)
+            record.setdefault("saved", []).append([step, pending_eval])
+            return tag_dir
+
+        def resume(self):
+            self.preemption._manager = self
+            resumed = original["resume"](self)
+            if resumed is not None:
+                record["resumed_step"] = resumed.step
+                record["pending_eval"] = resumed.pending_eval
+            if self.session.pruner is not None:
+                record["alive_after_resume"] = {k: v.tolist() for k, v in self.session.pruner.alive.items()}
+            record["global_steps_after_resume"] = self.engine.global_steps
+            return resumed
+
+        def observe(self, loss, faults=faults):
+            nan = faults.get("nan_grad_at")
+            if (nan and self.rank == nan["rank"] and self.engine.global_steps + 1 == nan["step"]
+                    and self.engine.is_gradient_accumulation_boundary()):
+                for param in self.params:
+                    self.access.edit_grad(param, lambda grad, piece: grad.fill_(float("nan")))
+            return original_observe(self, loss)
+
+        checkpoint.CheckpointManager.after_step = after_step
+        checkpoint.CheckpointManager.save = save
+        checkpoint.CheckpointManager.resume = resume
+        checkpoint.Preemption.check = check
+        checkpoint.FiniteGuard.observe = observe
+        args = train.parse_args(["--config", run["config"], "--deepspeed", run["deepspeed"], *run.get("overrides", [])])
+        code = train.run_training(args)
+        record["code"] = code
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        out = Path(plan_path).parent / f"result-{run['name']}-rank{rank}.json"
+        out.write_text(json.dumps(record))
+        print(f"checkpoint_worker: run {run['name']} rank {rank} exit {code}", flush=True)
+        if dist.is_initialized():
+            dist.barrier()
+    barrier_and_exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

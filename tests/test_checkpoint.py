@@ -1,0 +1,149 @@
+"""Checkpointing and resume of the real trainer, 2 ranks on CPU (gloo): issue 5.
+
+Each test is one or two ``torchrun`` launches of tests/checkpoint_worker.py, which runs several trainings of
+``neuroprune_ds.train`` in one process group and injects faults (real signals, SIGKILL, NaN gradients). The
+model is a tiny OPT WITH dropout (0.1), so an exact resume also needs every rank's RNG state; NeuroPrune is on
+with head pruning every 2 steps, so masks must survive; the LR schedule decays linearly, so it must too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+import yaml
+from tiny_models import TINY_CONFIGS
+
+pytestmark = pytest.mark.dist
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "checkpoint_worker.py"
+TOTAL = 6  # optimizer steps of every run; interrupted ones stop at STOP and resume
+STOP = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1",
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
+               PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{env.get('PYTHONPATH', '')}")
+    return env
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    """A tiny OPT with dropout, a word-level tokenizer, and synthetic training text."""
+    from synthetic_text import WORDS, save_word_tokenizer, sentence
+
+    root = tmp_path_factory.mktemp("assets")
+    save_word_tokenizer(root / "model")
+    config = TINY_CONFIGS["opt"]()
+    config.vocab_size = len(WORDS) + 2
+    config.pad_token_id, config.eos_token_id, config.bos_token_id = 1, 1, 1
+    transformers.set_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
+    (root / "train.txt").write_text("".join(sentence(i) + "\n" for i in range(300)))
+    return root
+
+
+def write_run(tmp_path: Path, assets: Path, name: str, **sections) -> Path:
+    run = {
+        "task": "causal_lm",
+        "output_dir": str(tmp_path / name),
+        "model": {"name_or_path": str(assets / "model")},
+        "data": {"train": str(assets / "train.txt"), "max_length": 16, "max_eval_examples": 8},
+        "schedule": {"max_steps": TOTAL, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "lr": 3e-3,
+                     "warmup_steps": 1, "log_every_steps": 1, "seed": 5},
+        "neuroprune": {"mlp_lambda": 1e-3, "attn_lambda": 1e-3, "theta": 0.2, "prune_every_steps": 2},
+        "checkpoint": {"every_steps": 0},
+    }
+    for section, values in sections.items():
+        run[section] = {**run.get(section, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(run))
+    return path
+
+
+def ds_json(tmp_path: Path, stage: int, **extra) -> str:
+    ds = json.loads((REPO / "ds_configs" / f"zero{stage}_fp32.json").read_text())
+    if stage == 3:
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny tensors
+    ds.update(extra)
+    path = tmp_path / f"ds{stage}{'_u' if extra else ''}.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+def launch(tmp_path: Path, plan: list[dict], *, ranks: int = 2, label: str = "plan", timeout: int = 420):
+    """Run the plan in one launch; returns (exit status, output, {(run, rank): result})."""
+    plan_path = tmp_path / f"{label}.json"
+    plan_path.write_text(json.dumps(plan))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+               "--master_port", str(_free_port()), str(WORKER), str(plan_path)]
+    done = subprocess.run(command, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    results = {}
+    for run in plan:
+        for rank in range(ranks):
+            path = tmp_path / f"result-{run['name']}-rank{rank}.json"
+            if path.exists():
+                results[run["name"], rank] = json.loads(path.read_text())
+    return done.returncode, done.stdout + done.stderr, results
+
+
+def records(output_dir: str | Path, kind: str) -> list[dict]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def per_step(output_dir, key="train/loss") -> list[tuple[int, float]]:
+    return [(r["step"], r.get(key)) for r in records(output_dir, "train")]
+
+
+def run_entry(name, config, deepspeed, *overrides, **faults) -> dict:
+    return {"name": name, "config": str(config), "deepspeed": deepspeed, "overrides": list(overrides),
+            "faults": faults}
+
+
+# --------------------------------------------------------------------------------------- exact resume
+
+
+def test_exact_resume_at_every_zero_stage(tmp_path, assets):
+    """Per-step losses, lr and grad norms of TOTAL steps equal those of STOP + signal + resume, bit for bit."""
+    plan = []
+    for stage in range(4):
+        ds = ds_json(tmp_path, stage)
+        plan += [
+            run_entry(f"ref{stage}", write_run(tmp_path, assets, f"ref{stage}"), ds),
+            run_entry(f"cut{stage}", write_run(tmp_path, assets, f"cut{stage}"), ds,
+                      signal_at={"step": STOP, "rank": 1, "signal": "SIGUSR1"}),
+            run_entry(f"resume{stage}", tmp_path / f"cut{stage}.yaml", ds),
+        ]
+    code, output, results = launch(tmp_path, plan)
+    assert code == 0, output[-6000:]
+    for stage in range(4):
+        ref, cut = tmp_path / f"ref{stage}", tmp_path / f"cut{stage}"
+        assert [results[f"cut{stage}", r]["code"] for r in (0, 1)] == [85, 85], output[-3000:]
+        assert results[f"cut{stage}", 0]["saved"] == [[STOP, False]]
+        assert [results[f"resume{stage}", r]["resumed_step"] for r in (0, 1)] == [STOP, STOP]
+        assert [results[f"resume{stage}", r]["code"] for r in (0, 1)] == [0, 0]
+        for key in ("train/loss", "train/lr", "train/grad_norm", "sparsity/weight"):
+            assert per_step(cut, key) == per_step(ref, key), (stage, key)
+        assert [r["step"] for r in records(cut, "train")] == list(range(1, TOTAL + 1))
+        assert records(cut, "eval")[-1]["eval/loss"] == records(ref, "eval")[-1]["eval/loss"]
+        assert (cut / "checkpoints" / "latest").read_text().strip() == f"step_{TOTAL}"
+        summary = json.loads((cut / "neuroprune_summary.json").read_text())
+        assert summary == json.loads((ref / "neuroprune_summary.json").read_text())
