@@ -147,3 +147,80 @@ def test_exact_resume_at_every_zero_stage(tmp_path, assets):
         assert (cut / "checkpoints" / "latest").read_text().strip() == f"step_{TOTAL}"
         summary = json.loads((cut / "neuroprune_summary.json").read_text())
         assert summary == json.loads((ref / "neuroprune_summary.json").read_text())
+
+
+# ------------------------------------------------------------------ faults: SIGKILL, eval signal, NaN
+
+
+def _tags(output_dir: Path) -> list[str]:
+    return sorted(p.name for p in (output_dir / "checkpoints").iterdir() if p.is_dir())
+
+
+def test_sigkill_in_save_then_resume_eval_signal_nonfinite_and_keep_last(tmp_path, assets):
+    ds = ds_json(tmp_path, 2)
+    base = {"checkpoint": {"every_steps": 2, "keep_last": 2}, "schedule": {"eval_every_steps": 3}}
+    killed = write_run(tmp_path, assets, "killed", **base)
+    # Launch 1: rank 1 is SIGKILLed inside the save of step 4, after rank 0 began writing it.
+    code, output, _ = launch(tmp_path, [run_entry("kill", killed, ds, kill_in_save={"step": 4, "rank": 1})],
+                             label="kill")
+    assert code != 0, output[-3000:]
+    ckpt = tmp_path / "killed" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_2"
+    assert (ckpt / "step_2" / "complete").is_file()
+    assert not (ckpt / "step_4" / "complete").exists()
+
+    nan = {"checkpoint": {"every_steps": 1, "keep_last": 5}, "schedule": {"max_steps": 4}}
+    plan = [
+        run_entry("ref", write_run(tmp_path, assets, "ref", **base), ds),
+        run_entry("after_kill", killed, ds),
+        run_entry("eval_cut", write_run(tmp_path, assets, "evalcut", **base), ds,
+                  signal_at={"step": 3, "rank": 1, "signal": "SIGTERM", "eval": True}),
+        run_entry("eval_resume", tmp_path / "evalcut.yaml", ds),
+        run_entry("nan_stop", write_run(tmp_path, assets, "nanstop", **nan), ds, nan_grad_at={"step": 3, "rank": 1}),
+        run_entry("nan_skip", write_run(tmp_path, assets, "nanskip", **nan), ds, "checkpoint.on_nonfinite=skip",
+                  nan_grad_at={"step": 3, "rank": 1}),
+    ]
+    code, output, results = launch(tmp_path, plan, label="faults")
+    assert code == 0, output[-6000:]
+    ref = tmp_path / "ref"
+
+    # SIGKILL: resumed from the last complete tag; the broken one was replaced; the run equals the reference.
+    assert [results["after_kill", r]["resumed_step"] for r in (0, 1)] == [2, 2]
+    assert per_step(tmp_path / "killed") == per_step(ref)
+    assert _tags(tmp_path / "killed") == _tags(ref) == ["step_4", "step_6"]  # keep_last = 2
+    assert all((ref / "checkpoints" / t / "complete").is_file() for t in _tags(ref))
+
+    # SIGTERM during the evaluation at step 3: checkpoint of step 3 with the evaluation pending, exit 85; the
+    # resumed run evaluates step 3 first, then continues exactly.
+    assert [results["eval_cut", r]["code"] for r in (0, 1)] == [85, 85]
+    assert results["eval_cut", 0]["saved"] == [[2, False], [3, True]]
+    assert results["eval_resume", 0]["pending_eval"] is True
+    evalcut = tmp_path / "evalcut"
+    assert [(r["step"], r["eval/loss"]) for r in records(evalcut, "eval")] == \
+        [(r["step"], r["eval/loss"]) for r in records(ref, "eval")]
+    assert per_step(evalcut) == per_step(ref)
+
+    # Non-finite gradients on rank 1 only at step 3: both ranks stop at step 3, nothing of it is saved ...
+    assert [results["nan_stop", r]["code"] for r in (0, 1)] == [1, 1]
+    assert "non-finite loss or gradients at optimizer step 3 (rank 1: non-finite gradients)" in output
+    assert _tags(tmp_path / "nanstop") == ["step_1", "step_2"]
+    # ... or, with on_nonfinite=skip, step 3 leaves weights and optimizer state untouched on every rank.
+    assert [results["nan_skip", r]["code"] for r in (0, 1)] == [0, 0]
+    weights = {tag: _fp32_weights(tmp_path / "nanskip" / "checkpoints", tag) for tag in ("step_2", "step_3", "step_4")}
+    assert all(torch_equal(weights["step_2"][k], weights["step_3"][k]) for k in weights["step_2"])
+    assert not all(torch_equal(weights["step_3"][k], weights["step_4"][k]) for k in weights["step_3"])
+
+
+def _fp32_weights(ckpt_dir: Path, tag: str) -> dict:
+    from neuroprune_ds.export.checkpoint import iter_fp32_weights, read_checkpoint
+
+    info = read_checkpoint(str(ckpt_dir), tag)
+    names = ["model.decoder.layers.0.fc1.weight", "model.decoder.layers.1.self_attn.q_proj.weight",
+             "model.decoder.embed_tokens.weight"]
+    return dict(iter_fp32_weights(info, names))
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
