@@ -136,10 +136,9 @@ class NeuroPruner:
             lam = self.config.mlp_lambda if group_set.kind == "mlp" else self.config.attn_lambda
             inverse = 1.0 / (lam * self._penalty_factors[group_set.key])
             for name, axis in group_set.members:
-                def add(grad: torch.Tensor, piece: FlatSlice, axis=axis) -> None:
-                    add_ratio_histogram_(hist, grad, piece, axis, inverse)
-
-                self.access.edit_grad(self.params[name], add)
+                param = self.params[name]
+                add_ratio_histogram_(hist, self.access.local_grad(param), self.access.local_slice(param), axis,
+                                     inverse)
         return hist
 
     def after_backward(self) -> None:

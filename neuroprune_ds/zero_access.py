@@ -101,6 +101,21 @@ class ZeroAccess:
         return sorted(keys)
 
     # -- edits -----------------------------------------------------------------------------------------
+    def local_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """This rank's slice of the reduced gradient (1-D), to read between backward and step."""
+        piece = self.local_slice(param)
+        if hasattr(param, "ds_id"):
+            return safe_get_local_grad(param)[:piece.numel]
+        mapping = getattr(param, "_hp_mapping", "replicated")
+        if mapping == "replicated":
+            return param.grad.view(-1)
+        if mapping is None:
+            return param.new_empty(0)
+        grad = mapping.get_lp_grad_fragment(param._index_in_param_group).view(-1)
+        if grad.numel() == param.numel():  # the bf16 optimizer keeps a full-size gradient buffer
+            grad = grad.narrow(0, piece.offset, piece.numel)
+        return grad
+
     @torch.no_grad()
     def edit_grad(self, param: torch.nn.Parameter, edit: SliceEdit) -> None:
         """Apply ``edit`` to this rank's slice of the (reduced, averaged) gradient between backward and step."""
@@ -112,14 +127,7 @@ class ZeroAccess:
             edit(grad[:piece.numel], piece)
             safe_set_local_grad(param, grad)
             return
-        mapping = getattr(param, "_hp_mapping", "replicated")
-        if mapping == "replicated":
-            edit(param.grad.view(-1), piece)
-            return
-        grad = mapping.get_lp_grad_fragment(param._index_in_param_group).view(-1)
-        if grad.numel() == param.numel():  # the bf16 optimizer keeps a full-size gradient buffer
-            grad = grad.narrow(0, piece.offset, piece.numel)
-        edit(grad, piece)
+        edit(self.local_grad(param), piece)
 
     @torch.no_grad()
     def edit_weights(self, param: torch.nn.Parameter, edit: SliceEdit, moments: bool = False) -> None:

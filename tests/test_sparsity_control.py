@@ -17,12 +17,20 @@ def test_ratio_histogram_and_quantile_by_hand():
     # quantile is the upper edge of the 0.05-decade bin holding that ratio.
     grad = torch.tensor([2e-3, -3e-2, 3e-1, -2.0])
     hist = torch.zeros(BINS, dtype=torch.float64)
-    add_ratio_histogram_(hist, grad, FlatSlice.of((2, 2)), COL, torch.tensor([1.0, 10.0], dtype=torch.float64))
+    add_ratio_histogram_(hist, grad, FlatSlice.of((2, 2)), COL, torch.tensor([1.0, 10.0], dtype=torch.float64),
+                         stride=1)
     assert float(hist.sum()) == 4
     bin_factor = 10 ** ((LOG_MAX - LOG_MIN) / BINS)
     for fraction, ratio in ((0.25, 2e-3), (0.75, 0.3), (1.0, 20.0)):
         assert ratio <= quantile_scale(hist, fraction) <= ratio * bin_factor
     assert quantile_scale(torch.zeros(BINS, dtype=torch.float64), 0.5) == 1.0
+    # a slice cut mid-row samples with the right groups: elements 1 and 3 of the matrix -> ratios 0.3 and 20
+    sampled = torch.zeros(BINS, dtype=torch.float64)
+    add_ratio_histogram_(sampled, grad[1:], FlatSlice.of((2, 2), offset=1, numel=3), COL,
+                         torch.tensor([1.0, 10.0], dtype=torch.float64), stride=2)
+    assert float(sampled.sum()) == 2
+    assert 0.3 <= quantile_scale(sampled, 0.5) <= 0.3 * bin_factor
+    assert 20 <= quantile_scale(sampled, 1.0) <= 20 * bin_factor
 
 
 def test_controller_integral_is_bounded_and_acts_on_the_error():
