@@ -224,3 +224,46 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+# ------------------------------------------------------------------------------- world-size changes
+
+
+def _convert(command: str) -> None:
+    done = subprocess.run([sys.executable, *command.split()[1:]], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
+@pytest.mark.parametrize(("stage", "saved_on", "resumed_on"), [(2, 2, 1), (3, 1, 2)])
+def test_other_world_size_needs_the_universal_checkpoint_and_keeps_masks(tmp_path, assets, stage, saved_on,
+                                                                          resumed_on):
+    from neuroprune_ds.checkpoint import universal_command
+    from neuroprune_ds.export.checkpoint import read_checkpoint
+
+    ds = ds_json(tmp_path, stage)
+    config = write_run(tmp_path, assets, "run")
+    code, output, results = launch(tmp_path, [run_entry("save", config, ds, signal_at={
+        "step": STOP, "rank": 0, "signal": "SIGUSR1"})], ranks=saved_on, label="save")
+    assert code == 0 and results["save", 0]["code"] == 85, output[-3000:]
+    tag_dir = tmp_path / "run" / "checkpoints" / f"step_{STOP}"
+    saved_alive = {k: v.tolist() for k, v in read_checkpoint(str(tag_dir.parent), tag_dir.name).alive.items()}
+    assert any(not all(mask) for mask in saved_alive.values())  # some heads were pruned before the save
+
+    plain = run_entry("plain", config, ds)
+    code, output, results = launch(tmp_path, [plain], ranks=resumed_on, label="plain")
+    command = universal_command(tag_dir, stage)
+    assert results["plain", 0]["code"] == 2 and command in output, output[-3000:]
+    assert ("--inject_missing_state" in command) == (stage == 2)
+
+    _convert(command)
+    universal = run_entry("universal", config, ds_json(tmp_path, stage, checkpoint={"load_universal": True}),
+                          f"checkpoint.resume={tag_dir}_universal")
+    code, output, results = launch(tmp_path, [universal], ranks=resumed_on, label="universal")
+    assert code == 0, output[-6000:]
+    for rank in range(resumed_on):
+        result = results["universal", rank]
+        assert result["code"] == 0 and result["resumed_step"] == STOP
+        assert result["global_steps_after_resume"] == STOP and result["alive_after_resume"] == saved_alive
+    steps = per_step(tmp_path / "run")
+    assert [s for s, _ in steps] == list(range(1, TOTAL + 1)) and all(loss < 10 for _, loss in steps)
