@@ -267,3 +267,57 @@ def test_other_world_size_needs_the_universal_checkpoint_and_keeps_masks(tmp_pat
         assert result["global_steps_after_resume"] == STOP and result["alive_after_resume"] == saved_alive
     steps = per_step(tmp_path / "run")
     assert [s for s, _ in steps] == list(range(1, TOTAL + 1)) and all(loss < 10 for _, loss in steps)
+
+
+# ------------------------------------------------------------------------------------ SLURM requeue
+
+
+@pytest.mark.integration
+def test_requeued_sbatch_job_continues_where_it_stopped(tmp_path, assets):
+    """The shipped one_node.sbatch on a real (local) SLURM: SIGUSR1 to the batch shell mid-training, as
+    ``--signal=B:USR1@120`` sends it; the trainer checkpoints and exits 85, the script requeues, the second
+    run resumes, and the per-step losses equal an uninterrupted torchrun run of the same config."""
+    import time
+
+    from test_slurm import LOCAL_SLURM, SBATCH_DIR, logs
+
+    if os.geteuid() != 0:
+        pytest.skip("tools/local_slurm.sh needs root")
+    was_running = subprocess.run([str(LOCAL_SLURM), "status"], capture_output=True).returncode == 0
+    started = subprocess.run([str(LOCAL_SLURM), "start", "--nodes", "2"], capture_output=True, text=True, timeout=600)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        conf = subprocess.run([str(LOCAL_SLURM), "env"], capture_output=True, text=True, check=True).stdout
+        total = 150
+        sections = {"schedule": {"max_steps": total, "log_every_steps": 1}}
+        config = write_run(tmp_path, assets, "job", **sections)
+        ds = ds_json(tmp_path, 2)
+        env = {k: v for k, v in _env().items() if not k.startswith(("SLURM_", "PYTEST_"))}
+        env.update(SLURM_CONF=conf.strip().split("=", 1)[1], NEUROPRUNE_PYTHON=sys.executable,
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+        t0 = time.monotonic()
+        job = subprocess.Popen(["sbatch", "--wait", "--parsable", str(SBATCH_DIR / "one_node.sbatch"), str(config),
+                                ds], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        metrics = tmp_path / "job" / "metrics.jsonl"
+        while not (metrics.exists() and '"step": 5,' in metrics.read_text()):
+            assert job.poll() is None, f"job ended before the signal:\n{job.communicate()}\n{logs(tmp_path)}"
+            assert time.monotonic() - t0 < 240, logs(tmp_path)
+            time.sleep(0.2)
+        job_id = next(tmp_path.glob("neuroprune-*.out")).stem.split("-")[1]
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=env, check=True)
+        stdout, stderr = job.communicate(timeout=300)
+        print(f"requeued training job: {time.monotonic() - t0:.1f} s")
+        log = logs(tmp_path)
+        assert job.returncode == 0, f"{stdout}\n{stderr}\n{log}"
+        assert f"requeueing job {job_id}" in log and f"job {job_id} run 2 on" in log, log
+        resumed = int(log.split("resumed from ")[1].split(" at step ")[1].split()[0])
+        assert 5 <= resumed < total, log
+
+        reference = run_entry("ref", write_run(tmp_path, assets, "ref", **sections), ds)
+        code, output, _ = launch(tmp_path, [reference], label="ref")
+        assert code == 0, output[-3000:]
+        assert per_step(tmp_path / "job") == per_step(tmp_path / "ref")
+        assert [r["step"] for r in records(tmp_path / "job", "train")] == list(range(1, total + 1))
+    finally:
+        if not was_running:
+            subprocess.run([str(LOCAL_SLURM), "stop"], timeout=120)
