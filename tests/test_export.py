@@ -22,6 +22,7 @@ from neuroprune_ds import cli
 from neuroprune_ds.arch import AttentionBlock, FFNBlock, Linear, resolve_architecture
 from neuroprune_ds.config import NeuroPruneConfig
 from neuroprune_ds.export import convert as convert_module
+from neuroprune_ds.export.checkpoint import release_file_pages
 from neuroprune_ds.export.convert import export_model
 from neuroprune_ds.export.plan import AttentionKeep, apply_masks_, ffn_keep, relative_bias_keep
 from neuroprune_ds.export.safetensors_stream import TensorSpec, write_safetensors
@@ -329,3 +330,14 @@ def test_cli_convert_reports_a_missing_checkpoint(tmp_path, capsys):
     status = cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--format", "dense"])
     assert status == cli.EXIT_INVALID
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_release_file_pages_touches_only_mapped_checkpoint_files(tmp_path):
+    torch.save({"w": torch.arange(300_000, dtype=torch.float32)}, tmp_path / "shard.pt")
+    mapped = torch.load(tmp_path / "shard.pt", mmap=True)["w"]
+    assert torch.equal(mapped, torch.arange(300_000, dtype=torch.float32))  # pages now resident
+    assert release_file_pages(mapped, str(tmp_path))
+    assert torch.equal(mapped, torch.arange(300_000, dtype=torch.float32))  # re-read from the file
+    assert not release_file_pages(mapped, str(tmp_path / "elsewhere"))
+    private = torch.arange(300_000, dtype=torch.float32)
+    assert not release_file_pages(private, str(tmp_path)) and private[-1] == 299_999

@@ -131,15 +131,17 @@ def iter_fp32_weights(info: CheckpointInfo, names: list[str]) -> Iterator[tuple[
 
 
 def _materialise(lazy, ds_dir: str) -> torch.Tensor:
-    """A private fp32 copy of a checkpoint tensor; releases the mapped file pages it was read from."""
-    if isinstance(lazy, torch.Tensor):
-        mapped = [lazy]
-        tensor = lazy.detach().clone()
-    else:  # zero_to_fp32.GatheredTensor: slices of every rank's memory-mapped flat fp32 groups
-        mapped = [group for rank_groups in lazy.flat_groups for group in rank_groups]
+    """The fp32 tensor of a checkpoint entry in private memory; hands back the mapped file pages it came from."""
+    if not isinstance(lazy, torch.Tensor):  # zero_to_fp32.GatheredTensor: slices of every rank's mapped shards
         tensor = lazy.contiguous()
-    for source in mapped:
-        release_file_pages(source, ds_dir)
+        for rank_groups in lazy.flat_groups:
+            for group in rank_groups:
+                release_file_pages(group, ds_dir)
+    elif _mapped_range(lazy, ds_dir):  # ZeRO-0: the module state, mapped from the model-states file
+        tensor = lazy.detach().clone()
+        release_file_pages(lazy, ds_dir)
+    else:  # ZeRO-1/2: a view of the fp32 vector zero_to_fp32 merged in memory, ours already
+        tensor = lazy.detach()
     return tensor.float() if tensor.is_floating_point() else tensor
 
 
@@ -153,23 +155,26 @@ def release_file_pages(tensor: torch.Tensor, under: str) -> bool:
 
     Anonymous memory is never touched: MADV_DONTNEED would zero it. Returns whether pages were released.
     """
+    pages = _mapped_range(tensor, under)
+    return bool(pages) and _LIBC.madvise(ctypes.c_void_p(pages[0]), ctypes.c_size_t(pages[1] - pages[0]),
+                                         _MADV_DONTNEED) == 0
+
+
+def _mapped_range(tensor: torch.Tensor, under: str) -> tuple[int, int] | None:
+    """The page-aligned start and the end of ``tensor``'s storage when it lies in one private mapping of a
+    file below directory ``under`` (from /proc/self/maps); None otherwise or off Linux."""
     if _LIBC is None:
-        return False
+        return None
     storage = tensor.untyped_storage()
     start = storage.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
     end = storage.data_ptr() + storage.nbytes()
-    if end <= start or not _is_file_mapping(start, end, os.path.realpath(under)):
-        return False
-    return _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0
-
-
-def _is_file_mapping(start: int, end: int, under: str) -> bool:
-    """Whether [start, end) lies in one private, non-writable file mapping of a file below ``under``."""
+    under = os.path.realpath(under)
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
             low, high = (int(x, 16) for x in fields[0].split("-"))
             if low <= start < high:
                 path = fields[5].strip() if len(fields) == 6 else ""
-                return end <= high and fields[1][3] == "p" and path.startswith(under + os.sep)
-    return False
+                private_file = fields[1][3] == "p" and path.startswith(under + os.sep)
+                return (start, end) if end <= high and end > start and private_file else None
+    return None
