@@ -369,6 +369,7 @@ class NeuroPruner:
                 "optimizer_steps": self.optimizer_steps,
                 "lambda_multiplier": self.lambda_multiplier,
                 "controller": self.controller.state_dict(),
+                "penalty_factors": {key: value.clone() for key, value in self._penalty_factors.items()},
                 "omega": {key: value.clone() for key, value in self.omega.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -381,6 +382,7 @@ class NeuroPruner:
         self.lambda_multiplier = float(state.get("lambda_multiplier", 1.0))
         if "controller" in state:
             self.controller.load_state_dict(state["controller"])
+        self._penalty_factors = {key: value.clone() for key, value in state.get("penalty_factors", {}).items()}
         self.omega = {key: value.clone() for key, value in state.get("omega", {}).items()}
 
 
