@@ -27,6 +27,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q || [ $$? -eq 5 ]
 
+## The main job: SmolLM2-135M + real text, NeuroPrune on 2 CPU ranks (ZeRO-3), compact export, summary.
+demo: setup
+	$(PY) tools/demo.py
+
 bench: setup
 	$(PY) tools/bench_overhead.py
 
