@@ -3,9 +3,10 @@
     torchrun --nproc_per_node 2 tests/dist_export_worker.py OUT_DIR family:stage:dtype ...
 
 Per scenario: the equivalence model (planted redundant heads; layer 1 made to differ from layer 0, so layers
-keep different heads) trains a few steps with the pruner (heads are pruned on the way); then a few FFN units are killed through the pruner's ZeRO access layer (input rows or
-output column exactly zero, as a hard threshold at the end of a run leaves them), and the engine saves
-OUT_DIR/<scenario>/ per the checkpoint contract (client state, config.json beside the tags). Rank 0 also
+keep different heads) trains a few steps with the pruner (heads are pruned on the way); then a few FFN units
+are killed through the pruner's ZeRO access layer (input rows or output column exactly zero, as a hard
+threshold at the end of a run leaves them), and the engine saves OUT_DIR/<scenario>/ per the checkpoint
+contract (client state, config.json beside the tags). Rank 0 also
 records the logits of the masked model (the gathered fp32 master weights in a plain HF model) on
 ``reference_batch`` in OUT_DIR/<scenario>/reference.pt, for the test to compare exports with.
 """

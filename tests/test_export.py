@@ -92,7 +92,8 @@ def mask_by_hand(model, alive) -> None:
     with torch.no_grad():
         for block in resolve_architecture(model).attention:
             for unit in torch.nonzero(~alive[block.name]).flatten().tolist():
-                q = slice(unit * block.heads_per_unit * block.head_dim, (unit + 1) * block.heads_per_unit * block.head_dim)
+                width = block.heads_per_unit * block.head_dim
+                q = slice(unit * width, (unit + 1) * width)
                 kv = slice(unit * block.head_dim, (unit + 1) * block.head_dim)
                 for linear, rows in ((block.q, q), (block.k, kv), (block.v, kv)):
                     params[linear.weight][rows] = 0
@@ -172,7 +173,8 @@ def test_dense_export_has_pruned_weights_exactly_zero(exported, case):
     model = tiny_model(info["family"])
     for block in resolve_architecture(model).attention:
         for unit in torch.nonzero(~info["alive"][block.name]).flatten().tolist():
-            rows = slice(unit * block.heads_per_unit * block.head_dim, (unit + 1) * block.heads_per_unit * block.head_dim)
+            width = block.heads_per_unit * block.head_dim
+            rows = slice(unit * width, (unit + 1) * width)
             assert not weights[block.q.weight][rows].any() and not weights[block.o.weight][:, rows].any()
 
 

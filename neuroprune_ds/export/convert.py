@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import resource
 import shutil
@@ -100,10 +101,11 @@ def unique_names(model: torch.nn.Module) -> tuple[list[str], set[str]]:
 
 
 def verification_batch(config: PreTrainedConfig, task: str) -> dict[str, torch.Tensor]:
-    """A fixed batch: 2 sequences of 12 tokens, the second right-padded by 3 (decoder inputs for seq2seq).
+    """A fixed batch: 2 sequences of 12 tokens (6 decoder tokens for seq2seq), the second right-padded by 3,
+    except for classification with an <eos> token, which then ends both rows (BART pools at <eos>).
 
     Token ids start at 4 so that special tokens (pad/bos/eos/unk sit below 4 in every supported family)
-    appear only where placed: classification heads that pool at <eos> (BART) get exactly one per row.
+    appear only where placed.
     """
     text_config = config.get_text_config()
     generator = torch.Generator().manual_seed(0)
@@ -126,8 +128,9 @@ def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 def export_model(model: torch.nn.Module, alive: dict[str, torch.Tensor], out_dir: str, fmt: str, *,
                  task: str, neuroprune: NeuroPruneConfig, threshold: float | None = None,
-                 source: dict | None = None, neuroprune_settings: dict | None = None, tokenizer_dir: str | None = None, verify: bool = True,
-                 overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportReport:
+                 source: dict | None = None, neuroprune_settings: dict | None = None,
+                 tokenizer_dir: str | None = None, verify: bool = True, overwrite: bool = False,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportReport:
     """Mask ``model`` and export it to ``out_dir``; consumes the model (its weights are masked in place and
     released after writing, leaving it on the meta device).
 
@@ -156,8 +159,8 @@ def export_model(model: torch.nn.Module, alive: dict[str, torch.Tensor], out_dir
         raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
     check_out_dir(out_dir, overwrite)
     task = export_task(task, model.config.model_type)
+    model_type = model.config.model_type
     arch = resolve_architecture(model)
-    names, parameter_names = unique_names(model)
     params = model.state_dict()
     apply_masks_(params, arch, alive, threshold)
     plan = make_plan(arch, params, alive)
@@ -165,7 +168,6 @@ def export_model(model: torch.nn.Module, alive: dict[str, torch.Tensor], out_dir
     family = _compact_family(model, task, plan) if fmt == "compact" else None
     batch = verification_batch(model.config, task)
     reference = logits(model, batch) if verify else None
-    dense_parameters = sum(params[n].numel() for n in parameter_names)
 
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -173,21 +175,17 @@ def export_model(model: torch.nn.Module, alive: dict[str, torch.Tensor], out_dir
     try:
         if family is None:
             config_kind = "stock"
-            selections, deltas = {}, {}
             _save_config(model, copy.deepcopy(model.config), tmp)
         else:
             config_kind = _write_compact_config(model, family, task, plan, tmp)
-            selections, deltas = plan.selections(), plan.bias_deltas()
-        specs = [TensorSpec(n, tuple(compact_shape(n, params[n].shape, selections)), params[n].dtype) for n in names]
-        write_safetensors(tmp, specs, lambda n: compact_tensor(n, params[n], selections, deltas), max_shard_bytes)
-        expected = sum(torch.Size(s.shape).numel() for s in specs if s.name in parameter_names)
+        dense_parameters, parameters = _write_weights(model, params, None if family is None else plan, tmp,
+                                                      max_shard_bytes)
         if tokenizer_dir and any(os.path.isfile(os.path.join(tokenizer_dir, f)) for f in TOKENIZER_FILES):
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
-        model_type = model.config.model_type
         del params
         model.to("meta")  # release the masked weights before loading the export back
-        max_abs_diff = _verify(tmp, task, batch, reference, expected) if verify else None
-        report = ExportReport(os.path.abspath(out_dir), fmt, config_kind, dense_parameters, expected,
+        max_abs_diff = _verify(tmp, task, batch, reference, parameters) if verify else None
+        report = ExportReport(os.path.abspath(out_dir), fmt, config_kind, dense_parameters, parameters,
                               stats["weight_sparsity"], stats["structural_sparsity"], max_abs_diff)
         _write_neuroprune_json(tmp, report, plan, neuroprune_settings or asdict(neuroprune), threshold, source,
                                model_type)
@@ -196,6 +194,21 @@ def export_model(model: torch.nn.Module, alive: dict[str, torch.Tensor], out_dir
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def _write_weights(model: torch.nn.Module, params: dict[str, torch.Tensor], plan: ExportPlan | None, out_dir: str,
+                   max_shard_bytes: int) -> tuple[int, int]:
+    """Stream the weights (sliced per ``plan``; as they are when None) to safetensors.
+
+    Returns:
+        Parameter counts (tied parameters once, buffers not counted) of the model and of the export.
+    """
+    names, parameter_names = unique_names(model)
+    selections, deltas = ({}, {}) if plan is None else (plan.selections(), plan.bias_deltas())
+    specs = [TensorSpec(n, tuple(compact_shape(n, params[n].shape, selections)), params[n].dtype) for n in names]
+    write_safetensors(out_dir, specs, lambda n: compact_tensor(n, params[n], selections, deltas), max_shard_bytes)
+    dense = sum(params[n].numel() for n in parameter_names)
+    return dense, sum(math.prod(s.shape) for s in specs if s.name in parameter_names)
 
 
 def convert(ckpt_dir: str, out_dir: str, fmt: str, *, tag: str | None = None, overwrite: bool = False,

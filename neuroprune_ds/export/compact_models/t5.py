@@ -14,7 +14,6 @@ columns for each layer), computes the shared bias once, and each layer selects i
 
 import copy
 
-import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers.models.t5 import modeling_t5 as t5
