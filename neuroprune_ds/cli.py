@@ -130,7 +130,7 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
 
 def add_convert(subparsers: argparse._SubParsersAction) -> None:
     """Register ``neuroprune convert``."""
-    from neuroprune_ds.export.convert import run_convert  # heavy imports only when the subcommand is built
+    from neuroprune_ds.export.convert import parse_threshold, run_convert  # imported when the parser is built
 
     parser = subparsers.add_parser(
         "convert", help="export a pruned DeepSpeed checkpoint as a Hugging Face model (dense or compact)",
@@ -146,7 +146,7 @@ def add_convert(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tag", help="checkpoint tag (default: the one named in CKPT_DIR/latest)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--no-verify", action="store_true", help="skip the logits and parameter-count check")
-    parser.add_argument("--threshold", nargs="?", type=float, const="epsilon", metavar="EPS",
+    parser.add_argument("--threshold", nargs="?", type=parse_threshold, const="epsilon", metavar="EPS",
                         help="first set penalised weights with |w| < EPS to 0 (EPS defaults to the run's "
                         "neuroprune.epsilon)")
     parser.set_defaults(run=run_convert)

@@ -13,8 +13,12 @@ import json
 import os
 
 import pytest
+import tokenizers
 import torch
+import transformers
 from safetensors.torch import load_file
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
 from transformers import AutoModelForCausalLM
 
 from export_helpers import AUTO_CLASS, expected_parameters, reload_in_fresh_process
@@ -113,10 +117,23 @@ def inputs_for(family: str) -> dict:
     return inputs
 
 
+def save_word_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary ("w0".."w59" after 4 specials), saved at ``path``."""
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(60)]
+    backend = tokenizers.Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                                     eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Every case exported in both formats, then all reloaded in one fresh process."""
+    """Every case exported in both formats (the OPT case with a tokenizer), then all reloaded in one fresh
+    process."""
     root = tmp_path_factory.mktemp("exports")
+    save_word_tokenizer(str(root / "tokenizer"))
     cases, jobs = {}, []
     for case, (family, _, _, _, max_shard) in CASES.items():
         model, alive, dead_ffn = build_case(case)
@@ -130,6 +147,8 @@ def exported(tmp_path_factory):
         for fmt in FORMATS:
             out = str(root / f"{case}_{fmt}")
             kwargs = {"max_shard_bytes": max_shard} if max_shard else {}
+            if case == "opt":
+                kwargs["tokenizer_dir"] = str(root / "tokenizer")
             info["reports"][fmt] = export_model(copy.deepcopy(model), alive, out, fmt, task=TASKS[family],
                                                 neuroprune=NeuroPruneConfig(), **kwargs)
             info["dirs"][fmt] = out
@@ -201,6 +220,13 @@ def test_sharded_export_writes_an_index(exported):
     with open(os.path.join(out, "model.safetensors.index.json")) as f:
         index = json.load(f)
     assert len(set(index["weight_map"].values())) > 1
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tokenizer_is_saved_beside_the_model(exported, fmt):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported["opt"]["dirs"][fmt])
+    assert tokenizer("w1 w2 w59 zz")["input_ids"] == [5, 6, 63, 3]
+    assert not os.path.exists(os.path.join(exported["llama"]["dirs"][fmt], "tokenizer.json"))
 
 
 def test_compact_export_loads_without_remote_code_where_neuroprune_ds_is_installed(exported):
@@ -319,8 +345,6 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_compact_needs_a_family_with_compact_classes(tmp_path):
-    import transformers
-
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=64))

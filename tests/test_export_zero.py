@@ -137,4 +137,7 @@ def test_threshold_and_the_tools_wrapper(checkpoints, tmp_path):
     assert record["threshold"] == 2e-3 and record["verification"]["max_abs_diff"] <= 1e-4
     status, _, _ = convert(ckpt, str(tmp_path / "plain"), "--format", "compact")
     with open(tmp_path / "plain" / "neuroprune.json") as f:
-        assert json.load(f)["weight_sparsity"] < record["weight_sparsity"]
+        assert status == 0 and json.load(f)["weight_sparsity"] < record["weight_sparsity"]
+    status, _, err = convert(ckpt, str(tmp_path / "epsilon"), "--format", "dense", "--threshold")
+    with open(tmp_path / "epsilon" / "neuroprune.json") as f:
+        assert status == 0 and json.load(f)["threshold"] == W.NEUROPRUNE.epsilon, err

@@ -212,9 +212,11 @@ def _write_weights(model: torch.nn.Module, params: dict[str, torch.Tensor], plan
 
 
 def convert(ckpt_dir: str, out_dir: str, fmt: str, *, tag: str | None = None, overwrite: bool = False,
-            verify: bool = True, threshold: float | None = None,
+            verify: bool = True, threshold: float | str | None = None,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportReport:
     """Convert the checkpoint ``ckpt_dir`` (tag ``tag`` or 'latest') to ``out_dir``; see :func:`export_model`.
+
+    ``threshold`` may be ``"epsilon"``: the run's ``neuroprune.epsilon``.
 
     Raises:
         ValueError: see :func:`export_model` and :func:`neuroprune_ds.export.checkpoint.read_checkpoint`.
@@ -223,6 +225,8 @@ def convert(ckpt_dir: str, out_dir: str, fmt: str, *, tag: str | None = None, ov
         raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
     check_out_dir(out_dir, overwrite)
     info = read_checkpoint(ckpt_dir, tag)
+    if threshold == "epsilon":
+        threshold = info.neuroprune.epsilon
     source = {"checkpoint": os.path.abspath(ckpt_dir), "tag": info.tag, "optimizer_steps": info.optimizer_steps,
               "name_or_path": info.name_or_path, "task": info.task}
     return export_model(load_checkpoint_model(info), info.alive, out_dir, fmt, task=info.task,
@@ -404,14 +408,21 @@ def peak_rss_bytes() -> int:
 
 
 # -- command line ---------------------------------------------------------------------------------------
+def parse_threshold(text: str) -> float | str:
+    """``--threshold`` value: a float, or 'epsilon' for the run's neuroprune.epsilon."""
+    if text == "epsilon":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'epsilon'") from None
+
+
 def run_convert(args: argparse.Namespace) -> int:
     """Execute ``neuroprune convert``; returns the exit status (2 for errors a user can fix)."""
-    threshold = args.threshold
     try:
-        if threshold == "epsilon":
-            threshold = read_checkpoint(args.ckpt_dir, args.tag).neuroprune.epsilon
         report = convert(args.ckpt_dir, args.out_dir, args.format, tag=args.tag, overwrite=args.overwrite,
-                         verify=not args.no_verify, threshold=threshold)
+                         verify=not args.no_verify, threshold=args.threshold)
     except ValueError as error:
         print(f"neuroprune convert: {error}", file=sys.stderr)
         return 2
