@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
+from export_helpers import export_inputs  # noqa: E402
 from tiny_models import MODEL_CLASSES, batch, equivalence_model  # noqa: E402
 
 from neuroprune_ds.arch import resolve_architecture  # noqa: E402
@@ -41,15 +42,8 @@ def scenario_dir(out_dir: str, scenario: str) -> str:
 
 
 def reference_batch(family: str) -> dict:
-    """The batch the test feeds every export of ``family`` (second row right-padded)."""
-    gen = torch.Generator().manual_seed(7)
-    ids = torch.randint(4, 64, (2, 10), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, -2:] = 0
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if family in ("t5", "bart"):
-        inputs["decoder_input_ids"] = torch.randint(4, 64, (2, 5), generator=gen)
-    return inputs
+    """The batch the test feeds every export of ``family``."""
+    return export_inputs(TASKS[family] == "seq2seq", seed=7)
 
 
 def ds_config(stage: int, dtype: str) -> dict:

@@ -13,6 +13,19 @@ AUTO_CLASS = {"causal_lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2S
 RELOAD = os.path.join(os.path.dirname(__file__), "export_reload.py")
 
 
+def export_inputs(seq2seq: bool, seed: int) -> dict:
+    """Two rows of 9 tokens of the tiny vocabulary (ids 4..63, no special tokens), the second right-padded
+    by 2; 4 decoder tokens for seq2seq."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 64, (2, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if seq2seq:
+        inputs["decoder_input_ids"] = torch.randint(4, 64, (2, 4), generator=gen)
+    return inputs
+
+
 def expected_parameters(model: torch.nn.Module, alive: dict, dead_ffn: dict) -> int:
     """Parameters of the compact export: the model's, minus every pruned unit's q/k/v rows (and biases) and o
     columns, minus every removed FFN unit's input rows (and biases) and output column, minus the relative-bias

@@ -21,7 +21,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import AutoModelForCausalLM
 
-from export_helpers import AUTO_CLASS, expected_parameters, reload_in_fresh_process
+from export_helpers import AUTO_CLASS, expected_parameters, export_inputs, reload_in_fresh_process
 from neuroprune_ds import cli
 from neuroprune_ds.arch import AttentionBlock, FFNBlock, Linear, resolve_architecture
 from neuroprune_ds.config import NeuroPruneConfig
@@ -107,14 +107,7 @@ def mask_by_hand(model, alive) -> None:
 
 
 def inputs_for(family: str) -> dict:
-    gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(4, 64, (2, 9), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, -2:] = 0
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if TASKS[family] == "seq2seq":
-        inputs["decoder_input_ids"] = torch.randint(4, 64, (2, 4), generator=gen)
-    return inputs
+    return export_inputs(TASKS[family] == "seq2seq", seed=3)
 
 
 def save_word_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:

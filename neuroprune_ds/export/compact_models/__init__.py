@@ -2,7 +2,8 @@
 
 Each module here (``llama.py``, ``opt.py``, ``t5.py``, ``bart.py``, ``bert.py``) is self-contained: it imports
 only torch and transformers, so the converter copies it into the export directory as
-``modeling_neuroprune_<family>.py`` and points ``auto_map`` at it. ``COMPACT_FAMILIES`` says, per HF
+``modeling_neuroprune_<family>.py`` and points ``auto_map`` at it. That is why each file repeats the small
+``LayerConfig`` helper: remote code is one file. ``COMPACT_FAMILIES`` says, per HF
 ``model_type``, which per-layer config fields hold the kept sizes of which blocks and when a stock config
 can express them instead. Importing this package registers the classes with the ``Auto*`` factories, so an
 export also loads without ``trust_remote_code`` wherever neuroprune_ds is installed.
