@@ -18,13 +18,13 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
 from neuroprune_ds.arch import ResolvedArchitecture, resolve_architecture
 from neuroprune_ds import train
 from neuroprune_ds.config import RunConfig
+from neuroprune_ds.data import uses_text_to_text
 from neuroprune_ds.config_loader import (ConfigError, check_deepspeed_config, load_config,
                                          load_deepspeed_config)
 
 EXIT_INVALID = 2
 
 # Encoder-decoder families that classify text-to-text (the label is generated as a word), as in the T5 paper.
-TEXT_TO_TEXT_CLASSIFICATION = frozenset({"t5", "mt5"})
 
 
 def build_meta_model(run: RunConfig) -> torch.nn.Module:
@@ -44,11 +44,10 @@ def build_meta_model(run: RunConfig) -> torch.nn.Module:
                                               trust_remote_code=run.model.trust_remote_code)
     auto_class = {"causal_lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM,
                   "classification": AutoModelForSequenceClassification}[run.task]
-    if run.task == "classification":
-        if model_config.model_type in TEXT_TO_TEXT_CLASSIFICATION:
-            auto_class = AutoModelForSeq2SeqLM
-        else:
-            model_config.num_labels = run.num_labels
+    if uses_text_to_text(run.task, model_config.model_type):
+        auto_class = AutoModelForSeq2SeqLM
+    elif run.task == "classification":
+        model_config.num_labels = run.num_labels
     with torch.device("meta"):
         return auto_class.from_config(model_config, trust_remote_code=run.model.trust_remote_code)
 

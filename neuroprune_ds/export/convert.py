@@ -29,7 +29,7 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
 
 from neuroprune_ds.arch import resolve_architecture
-from neuroprune_ds.cli import TEXT_TO_TEXT_CLASSIFICATION
+from neuroprune_ds.data import uses_text_to_text
 from neuroprune_ds.config import NeuroPruneConfig
 from neuroprune_ds.export.checkpoint import CheckpointInfo, iter_fp32_weights, read_checkpoint
 from neuroprune_ds.export.compact_models import AUTO_CLASSES, COMPACT_FAMILIES, CompactFamily
@@ -61,7 +61,7 @@ class ExportReport:
 
 def export_task(task: str, model_type: str) -> str:
     """The Auto factory's task: T5-style models classify text-to-text, as their seq2seq model."""
-    return "seq2seq" if task == "classification" and model_type in TEXT_TO_TEXT_CLASSIFICATION else task
+    return "seq2seq" if uses_text_to_text(task, model_type) else task
 
 
 def check_out_dir(out_dir: str, overwrite: bool) -> None:
