@@ -120,7 +120,7 @@ def reference_run(family: str, gas: int) -> dict:
                 (model(**batch(family, step, rank, micro)).loss / (2 * gas)).backward()
         r_mlp, r_att = reference_penalties(params, arch)
         (cfg.mlp_lambda * r_mlp + cfg.attn_lambda * r_att).backward()
-        penalties.append({"mlp": float(r_mlp), "attn": float(r_att)})
+        penalties.append({"mlp": float(r_mlp.detach()), "attn": float(r_att.detach())})
         apply_masks(grads=True)
         torch.nn.utils.clip_grad_norm_(model.parameters(), W.CLIP)
         optimizer.step()
