@@ -326,24 +326,22 @@ class NeuroPruner:
             counted[group_set.block] = (zeros_before + weights - nonzero, weights_before + weights)
         return counted
 
+    def _input_degrees(self, stats: dict[str, GroupStats], block: FFNBlock) -> torch.Tensor:
+        """Per unit of ``block``: connections with |w| >= epsilon over all its input projections."""
+        return sum(stats[s.key].nonzero for s in self.group_sets
+                   if s.block == block.name and s.members[0][1] == ROW and s.members[0][0] != block.output.weight)
+
     def ffn_alive(self, stats: dict[str, GroupStats] | None = None) -> dict[str, int]:
         """FFN units with at least one connection >= epsilon both in and out (collective when stats is None)."""
         stats = stats or self.statistics()
-        alive = {}
-        for block in self.arch.ffn:
-            nonzero_in = sum(stats[s.key].nonzero for s in self.group_sets
-                             if s.block == block.name and s.key.endswith((":in", ":rows"))
-                             and s.members[0][0] != block.output.weight)
-            alive[block.name] = int(((nonzero_in > 0) & (stats[f"{block.name}:out"].nonzero > 0)).sum())
-        return alive
+        return {block.name: int(((self._input_degrees(stats, block) > 0)
+                                 & (stats[f"{block.name}:out"].nonzero > 0)).sum())
+                for block in self.arch.ffn}
 
     def ffn_degrees(self) -> dict[str, torch.Tensor]:
         """Per FFN block, each unit's number of input connections with |w| >= epsilon (collective)."""
         stats = self.statistics()
-        return {block.name: sum(stats[s.key].nonzero for s in self.group_sets
-                                if s.block == block.name and s.members[0][1] == ROW
-                                and s.members[0][0] != block.output.weight)
-                for block in self.arch.ffn}
+        return {block.name: self._input_degrees(stats, block) for block in self.arch.ffn}
 
     def summary(self) -> dict:
         """What is pruned, JSON-serialisable (collective)."""
