@@ -16,6 +16,9 @@ class NeuroPruneConfig:
 
     enabled: bool = True
     """Switch NeuroPrune on; false gives plain fine-tuning with the same loop (the dense baseline)."""
+    penalty: str = "neuroprune"
+    """'neuroprune': degree-weighted L1 on FFN weights and l1^(1/2) groups on attention inputs; 'l1': plain L1
+    on the same weights (every factor 1: mlp_lambda on FFN, attn_lambda on Q/K/V), the paper's L1 baseline."""
     mlp_lambda: float = 1e-5
     """alpha: weight of the preferential-attachment weighted L1 penalty on FFN weights."""
     attn_lambda: float = 1e-5

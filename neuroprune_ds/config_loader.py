@@ -329,6 +329,7 @@ RULES: dict[str, Rule] = {
     "checkpoint.resume": Rule(lambda value: value in ("auto", "never") or Path(value).exists(),
                               "'auto', 'never' or the path of an existing checkpoint", ("auto", "never")),
     "checkpoint.on_nonfinite": _one_of("stop", "skip"),
+    "neuroprune.penalty": _one_of("neuroprune", "l1"),
     "neuroprune.mlp_lambda": _at_least(0),
     "neuroprune.attn_lambda": _at_least(0),
     "neuroprune.lambda_warmup_steps": _at_least(0),

@@ -163,7 +163,11 @@ class NeuroPruner:
         scale = self.lambda_scale()
         penalties = {"mlp": 0.0, "attn": 0.0}
         for group_set in self.group_sets:
-            if group_set.kind == "mlp":
+            if group_set.kind in ("mlp", "attn") and self.config.penalty == "l1":
+                per_group = torch.ones_like(stats[group_set.key].l1)  # plain L1: the same factor everywhere
+                lam = (self.config.mlp_lambda if group_set.kind == "mlp" else self.config.attn_lambda) * scale
+                penalties[group_set.kind] += float(stats[group_set.key].l1.sum())
+            elif group_set.kind == "mlp":
                 per_group, lam = self.omega[group_set.key], self.config.mlp_lambda * scale
                 penalties["mlp"] += mlp_penalty_value(stats[group_set.key], per_group)
             elif group_set.kind == "attn":

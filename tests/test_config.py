@@ -87,6 +87,7 @@ RANGE_CASES = [
     ("neuroprune.target_ramp_steps", "-1", "0"),
     ("neuroprune.controller_gain", "0", "0.1"),
     ("neuroprune.mlp_groups", "rows", "output_rows"),
+    ("neuroprune.penalty", "lasso", "l1"),
     ("neuroprune.attention_kinds", "[]", "[cross]"),
     ("neuroprune.attention_kinds", "[self, encoder]", "[self, cross]"),
     ("neuroprune.fold", "sum", "none"),

@@ -1,8 +1,6 @@
 """Target-sparsity control: the quantile math by hand, and a real run landing at its target."""
 
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -51,14 +49,9 @@ def test_a_real_run_lands_within_two_points_of_the_target(target):
     import deepspeed
     from neuroprune_ds.config import NeuroPruneConfig
     from neuroprune_ds.pruner import NeuroPruner
-    from tiny_models import batch, equivalence_model
+    from tiny_models import batch, equivalence_model, init_single_rank
 
-    if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        deepspeed.init_distributed(dist_backend="gloo")
+    init_single_rank()
     model = equivalence_model("llama")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={

@@ -84,3 +84,19 @@ def batch(family: str, step: int, rank: int, micro: int = 0, size: int = 2, leng
     if family == "bert":
         return {"input_ids": ids, "labels": torch.randint(0, 2, (size,), generator=gen)}
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+def init_single_rank() -> None:
+    """A one-rank gloo process group in this process (for a real DeepSpeed engine without a launcher)."""
+    import os
+    import socket
+
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="gloo")
