@@ -31,6 +31,10 @@ class NeuroPruneConfig:
     """Floor of a neuron's fractional connectivity c in its penalty weight 1 / max(c, c_min)."""
     delta: float = 1e-8
     """Smoothing of the attention group penalty: sqrt(g + delta) keeps its gradient finite at g = 0."""
+    stop_at_zero: bool = True
+    """A penalised weight whose optimizer step crosses zero is set to exactly 0 and its first Adam moment
+    cleared (truncated L1). Without it Adam keeps such a weight oscillating around 0 at a fraction of lr
+    (simulated at lr 2e-3: only 22% of the weights the penalty has driven to zero sit below epsilon)."""
     degree_every: int = 1
     """Recompute the FFN degree weights every this many optimizer steps."""
     mlp_groups: str = "neuron"

@@ -99,6 +99,7 @@ class NeuroPruner:
         self.controller = SparsityController(config.controller_gain)
         self._penalty_factors: dict[str, torch.Tensor] = {}  # last step's per-group factor of each penalised set
         self._boundary_pending = False
+        self._signs_before_step: dict[str, torch.Tensor] = {}  # sign of each penalised weight before the step
         self._partitioned = any(self.access.is_partitioned(p) for p in self.params.values())
 
     # -- the per-step hooks ----------------------------------------------------------------------------
@@ -182,6 +183,9 @@ class NeuroPruner:
                     self._add_penalty_grad(name, axis, per_group, lam)
         self.last_penalties = penalties
         self._mask(grads=True)
+        if self.config.stop_at_zero:
+            self._signs_before_step = {name: torch.sign(self.access.working(self.params[name])[0]).to(torch.int8)
+                                       for name in self._penalised_names()}
 
     def after_step(self) -> None:
         """Keep pruned weights exactly zero and run step-scheduled head pruning; call after every ``engine.step``."""
@@ -191,6 +195,7 @@ class NeuroPruner:
         self.optimizer_steps += 1
         if not self.config.enabled:
             return
+        self._stop_at_zero()
         self._mask(grads=False)
         every = self.config.prune_every_steps
         if every and self.optimizer_steps % every == 0 and self.optimizer_steps >= self.config.prune_start_step:
@@ -235,6 +240,24 @@ class NeuroPruner:
             add_penalty_grad_(grad, GroupMember(master, piece, axis), per_group, lam)
 
         self.access.edit_grad(param, add)
+
+    def _penalised_names(self) -> list[str]:
+        return [name for s in self.group_sets if s.kind in ("mlp", "attn") for name, _ in s.members]
+
+    def _stop_at_zero(self) -> None:
+        """Penalised weights whose step crossed zero become exactly 0, with their first moment (see config)."""
+        signs_before, self._signs_before_step = self._signs_before_step, {}
+        for name, before in signs_before.items():
+            param = self.params[name]
+            now, covered = self.access.working(param)
+            crossed = (torch.sign(now).to(torch.int8) * before) < 0
+            if not bool(crossed.any()):
+                continue
+
+            def clear(tensor: torch.Tensor, piece: FlatSlice, crossed=crossed, start=covered.offset) -> None:
+                tensor[crossed[piece.offset - start:piece.offset - start + piece.numel]] = 0
+
+            self.access.edit_weights(param, clear, moments=("exp_avg",))
 
     # -- masks -----------------------------------------------------------------------------------------
     def _mask_entries(self, block: AttentionBlock):

@@ -11,7 +11,7 @@ No NeuroPrune math lives here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -129,10 +129,21 @@ class ZeroAccess:
             return
         edit(self.local_grad(param), piece)
 
+    def working(self, param: torch.nn.Parameter) -> tuple[torch.Tensor, FlatSlice]:
+        """The working (module) copy as this rank holds it, 1-D, and the slice it covers: the local partition
+        at ZeRO-3 (the whole parameter when it is persistent), the whole parameter otherwise. Read only."""
+        if hasattr(param, "ds_id") and not getattr(param, "ds_persist", False):
+            piece = self.local_slice(param)
+            return param.ds_tensor.data.view(-1)[:piece.numel], piece
+        return param.data.view(-1), FlatSlice.of(_shape(param))
+
+    def _moment_keys(self, moments: bool | Sequence[str], available: Iterable[str]) -> list[str]:
+        return [key for key in available if moments is True or (moments and key in moments)]
+
     @torch.no_grad()
-    def edit_weights(self, param: torch.nn.Parameter, edit: SliceEdit, moments: bool = False) -> None:
-        """Apply ``edit`` to the fp32 master, the working (16-bit or fp32 module) copy, and optionally every
-        optimizer moment of ``param``. Every rank calls this with the same edit."""
+    def edit_weights(self, param: torch.nn.Parameter, edit: SliceEdit, moments: bool | Sequence[str] = False) -> None:
+        """Apply ``edit`` to the fp32 master, the working (16-bit or fp32 module) copy, and the optimizer
+        moments of ``param`` named in ``moments`` (True: every one). Every rank calls this with the same edit."""
         piece = self.local_slice(param)
         if hasattr(param, "ds_id"):
             self._edit_zero3(param, piece, edit, moments)
@@ -140,29 +151,28 @@ class ZeroAccess:
         mapping = getattr(param, "_hp_mapping", "replicated")
         if mapping == "replicated":
             edit(param.data.view(-1), piece)
-            if moments:
-                state = getattr(self.engine.optimizer, "state", {}).get(param, {})
-                for key in self.optimizer_keys():
-                    if key in state:
-                        edit(state[key].view(-1), piece)
+            state = getattr(self.engine.optimizer, "state", {}).get(param, {})
+            for key in self._moment_keys(moments, self.optimizer_keys()):
+                if key in state:
+                    edit(state[key].view(-1), piece)
             return
         # ZeRO-1/2 and bf16: every rank holds the whole working copy, and a fragment of the master/moments.
         edit(param.data.view(-1), FlatSlice.of(param.shape))
         if mapping is None or piece.numel == 0:
             return
         edit(mapping.get_hp_fragment().view(-1), piece)
-        if moments and mapping.optim_fragment:
-            for key in mapping.get_optim_state_keys():
+        if mapping.optim_fragment:
+            for key in self._moment_keys(moments, mapping.get_optim_state_keys()):
                 edit(mapping.get_hp_fragment(key).view(-1), piece)
 
-    def _edit_zero3(self, param, piece: FlatSlice, edit: SliceEdit, moments: bool) -> None:
+    def _edit_zero3(self, param, piece: FlatSlice, edit: SliceEdit, moments: bool | Sequence[str]) -> None:
         if piece.numel:
             master = safe_get_local_fp32_param(param)
             edit(master[:piece.numel], piece)
             safe_set_local_fp32_param(param, master)
             edit(param.ds_tensor.data.view(-1)[:piece.numel], piece)
             if moments:
-                for key in self.optimizer_keys():
+                for key in self._moment_keys(moments, self.optimizer_keys()):
                     state = safe_get_local_optimizer_state(param, key)
                     edit(state[:piece.numel], piece)
                     safe_set_local_optimizer_state(param, state, key)

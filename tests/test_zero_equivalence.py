@@ -112,7 +112,9 @@ def reference_run(family: str, gas: int) -> dict:
                         if state.dim() > 0:
                             state[dead] = 0
 
-    penalties, decisions = [], {}
+    penalised = ([lin.weight for b in arch.ffn for lin in (*b.inputs, b.output)]
+                 + [lin.weight for b in arch.attention for lin in (b.q, b.k, b.v)])
+    penalties, decisions, crossings = [], {}, 0
     for step in range(W.STEPS):
         optimizer.zero_grad()
         for rank in range(2):
@@ -123,7 +125,14 @@ def reference_run(family: str, gas: int) -> dict:
         penalties.append({"mlp": float(r_mlp.detach()), "attn": float(r_att.detach())})
         apply_masks(grads=True)
         torch.nn.utils.clip_grad_norm_(model.parameters(), W.CLIP)
+        signs = {name: torch.sign(params[name].detach()) for name in penalised}
         optimizer.step()
+        with torch.no_grad():  # stop_at_zero: a step that crosses zero lands on exactly 0, first moment cleared
+            for name in penalised:
+                crossed = signs[name] * torch.sign(params[name]) < 0
+                params[name][crossed] = 0
+                optimizer.state[params[name]]["exp_avg"][crossed] = 0
+                crossings += int(crossed.sum())
         apply_masks(grads=False)
         if (step + 1) % cfg.prune_every_steps == 0:
             with torch.no_grad():
@@ -138,7 +147,7 @@ def reference_run(family: str, gas: int) -> dict:
                         decisions.setdefault(block.name, {}).update(decision.replaced_by)
                 apply_masks(grads=False)
     return {"params": {k: v.detach().clone() for k, v in params.items()}, "alive": alive, "arch": arch,
-            "penalties": penalties, "decisions": decisions}
+            "penalties": penalties, "decisions": decisions, "crossings": crossings}
 
 
 def reference_metrics(ref) -> dict:
@@ -189,7 +198,10 @@ def test_weights_equal_reference(ds_results, scenario):
     assert result["any_partitioned"] == (stage > 0 or "bf16" in scenario), "shards were not really partitioned"
     if "bf16" not in scenario:
         for name, ref_value in ref["params"].items():
-            torch.testing.assert_close(result["master"][name], ref_value, rtol=0, atol=2e-6,
+            # a K bias has a true gradient of 0 (softmax ignores a per-query constant): its float-noise gradient
+            # is normalised by Adam into steps of up to ~lr whose sign depends on summation order
+            atol = 2 * W.LR * W.STEPS if name.endswith("k_proj.bias") else 2e-6
+            torch.testing.assert_close(result["master"][name], ref_value, rtol=0, atol=atol,
                                        msg=lambda m: f"{name}: {m}")
         return
     init = dict(equivalence_model(scenario.split(":")[0]).named_parameters())
@@ -252,3 +264,9 @@ def test_metrics_equal_reference(ds_results, scenario):
     tolerance = 2e-2 if "bf16" in scenario else 1e-5
     assert result["penalties"][-1]["mlp"] == pytest.approx(ref["penalties"][-1]["mlp"], rel=tolerance)
     assert result["penalties"][-1]["attn"] == pytest.approx(ref["penalties"][-1]["attn"], rel=tolerance)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_reference_exercises_stop_at_zero(family):
+    """Some penalised weights cross zero in the 4 steps, so the weight comparison above checks the clamp."""
+    assert reference(f"{family}:0:fp32")["crossings"] > 0

@@ -1,7 +1,7 @@
 """Quality benchmark: NeuroPrune vs plain L1 vs magnitude pruning at equal weight sparsity, on real models.
 
     python tools/bench_quality.py                      # both parts, defaults below (~45 min on 2 cores)
-    python tools/bench_quality.py --part lm --steps 160 --lr 2e-3 --levels 0.25 0.5 0.7
+    python tools/bench_quality.py --part lm --steps 200 --lr 2e-3 --levels 0.25 0.5 0.7
 
 Two parts, each trained in this process on a real DeepSpeed engine (1 rank, ZeRO-0 fp32; the pruner's
 equality across ZeRO stages and ranks is proved by tests/test_zero_equivalence.py):
@@ -317,7 +317,7 @@ def main() -> None:
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_quality")
     parser.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.5, 0.7])
-    parser.add_argument("--steps", type=int, default=None, help="step budget per run (default: lm 160, cls 200)")
+    parser.add_argument("--steps", type=int, default=None, help="step budget per run (default: lm 200, cls 200)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: lm 2e-3, cls 7e-4)")
     parser.add_argument("--theta", type=float, default=0.15)
     parser.add_argument("--eval-examples", type=int, default=64, help="held-out 128-token blocks (lm)")
@@ -332,7 +332,7 @@ def main() -> None:
     report = []
     for name in (PARTS if args.part == "all" else [args.part]):
         part_args = copy.copy(args)
-        part_args.steps = args.steps or {"lm": 160, "cls": 200}[name]
+        part_args.steps = args.steps or {"lm": 200, "cls": 200}[name]
         part_args.lr = args.lr or {"lm": 2e-3, "cls": 7e-4}[name]
         part_out = out / name
         part = {"name": name, **PARTS[name](part_out, part_args)}

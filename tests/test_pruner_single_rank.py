@@ -1,4 +1,4 @@
-"""``penalty: l1`` (the paper's L1 baseline): the gradient the pruner adds is exactly lambda * sign(w)."""
+"""The pruner on a one-rank engine, by hand: ``penalty: l1`` and ``stop_at_zero``."""
 
 import copy
 
@@ -46,4 +46,37 @@ def test_l1_penalty_adds_lambda_times_sign_to_penalised_weights_only(family):
     assert any(("o_proj" in n or "attention.output.dense" in n) and n not in lambdas for n in task_grads)
     assert pruner.last_penalties["mlp"] == pytest.approx(l1["mlp"], rel=1e-7)  # group sums run in float32
     assert pruner.last_penalties["attn"] == pytest.approx(l1["attn"], rel=1e-7)  # group sums run in float32
+    engine.destroy()
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("stop_at_zero", [True, False])
+def test_a_step_across_zero_lands_on_exactly_zero(stop_at_zero):
+    """lambda = 1 dominates the task gradient, so Adam's first step moves every penalised weight by lr
+    towards zero: the planted +1e-5 crosses (to 1e-5 - 1e-3), the planted 0.5 does not."""
+    import deepspeed
+
+    init_single_rank()
+    model = equivalence_model("llama")
+    name = "model.layers.0.mlp.up_proj.weight"
+    with torch.no_grad():
+        dict(model.named_parameters())[name][0, :2] = torch.tensor([1e-5, 0.5])
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3,
+                                                                               weight_decay=0.0),
+                                      config={"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9,
+                                              "zero_optimization": {"stage": 0}})
+    pruner = NeuroPruner(engine, NeuroPruneConfig(penalty="l1", mlp_lambda=1.0, attn_lambda=1.0, prune_heads=False,
+                                                  stop_at_zero=stop_at_zero))
+    engine.backward(engine(**batch("llama", 0, 0)).loss)
+    pruner.after_backward()
+    engine.step()
+    pruner.after_step()
+    param = dict(engine.module.named_parameters())[name]
+    state = engine.optimizer.state[param]
+    assert float(param[0, 1]) == pytest.approx(0.5 - 1e-3, abs=1e-6)
+    if stop_at_zero:
+        assert float(param[0, 0]) == 0.0 and float(state["exp_avg"][0, 0]) == 0.0
+        assert float(state["exp_avg_sq"][0, 0]) > 0  # the second moment is kept: no jump on the next step
+    else:
+        assert float(param[0, 0]) == pytest.approx(1e-5 - 1e-3, abs=1e-6)
     engine.destroy()
