@@ -250,12 +250,10 @@ class NeuroPruner:
         for name, before in signs_before.items():
             param = self.params[name]
             now, covered = self.access.working(param)
-            crossed = (torch.sign(now).to(torch.int8) * before) < 0
-            if not bool(crossed.any()):
-                continue
+            crossed = torch.sign(now).to(torch.int8).mul_(before).lt(0)
 
             def clear(tensor: torch.Tensor, piece: FlatSlice, crossed=crossed, start=covered.offset) -> None:
-                tensor[crossed[piece.offset - start:piece.offset - start + piece.numel]] = 0
+                tensor.masked_fill_(crossed[piece.offset - start:piece.offset - start + piece.numel], 0)
 
             self.access.edit_weights(param, clear, moments=("exp_avg",))
 

@@ -41,6 +41,7 @@ class ZeroAccess:
             raise ValueError("neuroprune_ds supports data parallelism (ZeRO 0-3); tensor/pipeline model "
                              "parallelism (engine.mpu) is not supported")
         self.engine = engine
+        self._optimizer_keys: list[str] = []
         self.stage = engine.zero_optimization_stage()
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -93,12 +94,14 @@ class ZeroAccess:
 
     def optimizer_keys(self) -> list[str]:
         """Names of the per-element optimizer states (e.g. exp_avg, exp_avg_sq); empty before the first step."""
-        optimizer = self.engine.optimizer
-        inner = getattr(optimizer, "optimizer", optimizer)
-        keys = set()
-        for state in inner.state.values():
-            keys.update(k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0)
-        return sorted(keys)
+        if not self._optimizer_keys:  # fixed once the optimizer has stepped: found once, not on every edit
+            optimizer = self.engine.optimizer
+            inner = getattr(optimizer, "optimizer", optimizer)
+            keys = set()
+            for state in inner.state.values():
+                keys.update(k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0)
+            self._optimizer_keys = sorted(keys)
+        return self._optimizer_keys
 
     # -- edits -----------------------------------------------------------------------------------------
     def local_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
