@@ -1,7 +1,7 @@
 """Quality benchmark: NeuroPrune vs plain L1 vs magnitude pruning at equal weight sparsity, on real models.
 
-    python tools/bench_quality.py                      # both parts, defaults below (~45 min on 2 cores)
-    python tools/bench_quality.py --part lm --steps 200 --lr 2e-3 --levels 0.25 0.5 0.7
+    python tools/bench_quality.py                      # both parts, defaults below (~1 hour on 2 cores)
+    python tools/bench_quality.py --part lm --steps 100 --lr 3e-3 --levels 0.25 0.5 0.7
 
 Two parts, each trained in this process on a real DeepSpeed engine (1 rank, ZeRO-0 fp32; the pruner's
 equality across ZeRO stages and ranks is proved by tests/test_zero_equivalence.py):
@@ -9,11 +9,11 @@ equality across ZeRO stages and ranks is proved by tests/test_zero_equivalence.p
 - ``cls``: all-MiniLM-L6-v2 (BERT) with a fresh classifier head on Rotten Tomatoes, accuracy on 1000
   held-out reviews.
 
-Per part, three runs with the same data order, learning rate and step budget:
-- NeuroPrune (``penalty: neuroprune``) and plain L1 (``penalty: l1``), each with ``target_sparsity`` set a
-  little above the highest level, so the controller sets lambda (no sweep); whenever the measured weight
-  sparsity passes a level, the model is scored there (weights with |w| < epsilon zeroed, as the export does);
-- dense fine-tuning (NeuroPrune off), then magnitude pruning of its penalised matrices (one global
+Per part, with the same data order, learning rate and step budget:
+- for each level, a NeuroPrune run (``penalty: neuroprune``) and a plain L1 run (``penalty: l1``) with
+  ``target_sparsity`` = level, so the controller sets lambda (no sweep); scored at the end of the budget
+  (weights with |w| < epsilon zeroed, as the export does);
+- one dense fine-tuning run (NeuroPrune off), then magnitude pruning of its penalised matrices (one global
   threshold) to each level, scored the same way.
 It also records the paper's qualitative claims: the spread (std-dev) of FFN units' fractional connectivity
 (inputs with |w| >= epsilon) for every method, and the heads NeuroPrune keeps per layer with the smallest
@@ -62,7 +62,7 @@ def lm_part(out: Path, args) -> dict:
         "model": {"name_or_path": str(assets.smollm2_dir()), "dtype": "fp32"},
         "data": {"train": str(data / "train.txt"), "eval": str(data / "eval.txt"), "max_length": 128,
                  "max_eval_examples": args.eval_examples},
-        "schedule": {"micro_batch_size": 4},
+        "schedule": {"micro_batch_size": 2},
         "metric": "eval/perplexity", "higher_is_better": False, "label": "SmolLM2-135M, Austen, perplexity",
     }
 
@@ -73,7 +73,7 @@ def cls_part(out: Path, args) -> dict:
         "task": "classification", "num_labels": 2,
         "model": {"name_or_path": str(assets.minilm_dir()), "dtype": "fp32"},
         "data": {"train": str(train), "eval": str(test), "max_length": 64},
-        "schedule": {"micro_batch_size": 32},
+        "schedule": {"micro_batch_size": 16},
         "metric": "eval/accuracy", "higher_is_better": True, "label": "MiniLM-L6, Rotten Tomatoes, accuracy",
     }
 
@@ -81,23 +81,27 @@ def cls_part(out: Path, args) -> dict:
 PARTS = {"lm": lm_part, "cls": cls_part}
 
 
-def run_config(part: dict, method: str, out: Path, args) -> Path:
+def run_name(method: str, level: float | None) -> str:
+    return method if level is None else f"{method}_{round(level * 100)}"
+
+
+def run_config(part: dict, method: str, level: float | None, out: Path, args) -> Path:
     """Write the trainer config of one run; returns its path."""
     config = {
-        "task": part["task"], "output_dir": str(out / method),
+        "task": part["task"], "output_dir": str(out / run_name(method, level)),
         "deepspeed": str(ROOT / "ds_configs" / "zero0_fp32.json"),
         "model": part["model"], "data": part["data"],
         "schedule": {"epochs": 100, "max_steps": args.steps, "lr": args.lr, "warmup_steps": 10,
                      "lr_scheduler": "constant", "log_every_steps": 10, "seed": 0, **part["schedule"]},
         "checkpoint": {"every_steps": 0, "resume": "never"},
         "neuroprune": {"enabled": method != "dense", "penalty": "l1" if method == "l1" else "neuroprune",
-                       "mlp_lambda": 1e-4, "attn_lambda": 1e-4, "target_sparsity": min(0.99, max(args.levels) + 0.03),
+                       "mlp_lambda": 1e-4, "attn_lambda": 1e-4, "target_sparsity": level,
                        "target_ramp_steps": int(args.steps * 0.8), "prune_heads": method == "neuroprune",
                        "prune_every_steps": 0, "theta": args.theta},
     }
     if "num_labels" in part:
         config["num_labels"] = part["num_labels"]
-    path = out / method / "run.yaml"
+    path = out / run_name(method, level) / "run.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -197,27 +201,29 @@ def init_single_process() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def train_and_measure(part: dict, method: str, out: Path, args) -> dict:
-    """One run; NeuroPrune/L1 are scored at each level they pass, dense at the end with magnitude pruning."""
+def train_and_measure(part: dict, method: str, level: float | None, out: Path, args) -> dict:
+    """One run of the step budget. NeuroPrune/L1 aim at ``level`` and are scored at the end; dense is scored
+    before and after fine-tuning and after magnitude pruning to each level."""
     from tqdm import tqdm
 
     from neuroprune_ds.arch import resolve_architecture
     from neuroprune_ds.export.plan import penalised_weights
     from neuroprune_ds.train import setup
 
-    session = setup(SimpleNamespace(config=run_config(part, method, out, args), overrides=[], deepspeed=None))
+    config = run_config(part, method, level, out, args)
+    session = setup(SimpleNamespace(config=config, overrides=[], deepspeed=None))
     engine, pruner = session.engine, session.pruner
     arch = resolve_architecture(engine.module)
     names = penalised_weights(arch)
     epsilon = session.run.neuroprune.epsilon
-    result = {"method": method, "levels": [], "steps": args.steps}
+    result = {"method": method, "level": level, "steps": args.steps, "sparsity_by_step": []}
     if method == "dense":
         result["pretrained"] = snapshot(session, part, arch, names, epsilon)
-    pending = sorted(args.levels)
-    progress = tqdm(total=args.steps, desc=f"{part['name']}/{method}", unit="step", dynamic_ncols=True)
+    progress = tqdm(total=args.steps, desc=f"{part['name']}/{run_name(method, level)}", unit="step",
+                    dynamic_ncols=True)
     started, engine_time = time.perf_counter(), 0.0
     engine.train()
-    while engine.global_steps < args.steps and (pending or method == "dense"):
+    while engine.global_steps < args.steps:
         for batch in session.loader:
             step_started = time.perf_counter()
             engine.backward(engine(**batch).loss)
@@ -226,40 +232,39 @@ def train_and_measure(part: dict, method: str, out: Path, args) -> dict:
             engine.step()
             if pruner is not None:
                 pruner.after_step()
+                result["sparsity_by_step"].append(pruner.measured_sparsity)
             engine_time += time.perf_counter() - step_started
             progress.update(1)
-            if pruner is not None and pending and pruner.measured_sparsity >= pending[0] - 0.02:
-                measured = weight_sparsity(engine.module, names, epsilon)
-                while pending and measured >= pending[0]:
-                    if method == "neuroprune":
-                        pruner.prune_heads()  # the paper prunes heads when a stage of training ends
-                    row = snapshot(session, part, arch, names, epsilon, level=pending.pop(0))
-                    row["heads"] = head_report(engine.module, arch, pruner.alive)
-                    result["levels"].append(row)
-                    progress.write(f"{method}: level {row['level']:.0%} at step {row['step']}: "
-                                   f"{part['metric']} {row['metric']:.4g} (sparsity {row['sparsity']:.3f})")
-                engine.train()
-            if engine.global_steps >= args.steps or not (pending or method == "dense"):
+            if engine.global_steps >= args.steps:
                 break
     progress.close()
+    if method == "neuroprune":
+        pruner.prune_heads()  # the paper prunes heads at the end of a stage of training
     result["seconds_per_step"] = engine_time / max(engine.global_steps, 1)
     result["wall_s"] = time.perf_counter() - started
-    result["final_step"] = engine.global_steps
     if method == "dense":
-        result["fine_tuned"] = snapshot(session, part, arch, names, epsilon)
-        result["fine_tuned"]["heads"] = head_report(engine.module, arch, None)
-        for level in sorted(args.levels):
-            with zeroed(engine.module, names, fraction=level):
-                row = snapshot(session, part, arch, names, epsilon, level=level)
-            result["levels"].append(row)
-            print(f"magnitude: level {level:.0%}: {part['metric']} {row['metric']:.4g}", flush=True)
+        result["fine_tuned"] = snapshot(session, part, arch, names, epsilon, heads=head_report(engine.module, arch,
+                                                                                                None))
+        result["levels"] = []
+        for target in sorted(args.levels):
+            with zeroed(engine.module, names, fraction=target):
+                result["levels"].append(snapshot(session, part, arch, names, epsilon, level=target))
     else:
-        result["missed_levels"] = pending
-        result["final_sparsity"] = weight_sparsity(engine.module, names, epsilon)
+        result["final"] = snapshot(session, part, arch, names, epsilon, level=level,
+                                   heads=head_report(engine.module, arch, pruner.alive))
+    print(f"{run_name(method, level)}: {json.dumps({k: v for k, v in result.items() if k != 'sparsity_by_step'})[:400]}",
+          flush=True)
     engine.destroy()
     del session, engine, pruner
     gc.collect()
     return result
+
+
+def rows_by_level(results: dict, method: str) -> dict[float, dict]:
+    """Per level, the scored row of ``method`` (NeuroPrune/L1: one run per level; dense: magnitude pruning)."""
+    if method == "dense":
+        return {row["level"]: row for row in results.get("dense", {}).get("levels", [])}
+    return {run["level"]: run["final"] for key, run in results.items() if key.startswith(method + "_")}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -269,29 +274,38 @@ def tables(part: dict, results: dict, args) -> str:
     metric = part["metric"].split("/")[-1]
     dense = results["dense"]
     lines = [f"### {part['label']}", "",
-             f"{args.steps} steps, lr {args.lr}, {part['schedule']['micro_batch_size']} sequences/step; "
+             f"{args.steps} steps per run, lr {args.lr}, {part['schedule']['micro_batch_size']} sequences per step; "
              f"pretrained {metric} {dense['pretrained']['metric']:.4g}, dense fine-tuned "
-             f"{dense['fine_tuned']['metric']:.4g} (connectivity std-dev "
+             f"{dense['fine_tuned']['metric']:.4g} (FFN connectivity std-dev "
              f"{dense['fine_tuned']['connectivity_std']:.3f}).", "",
-             f"| target sparsity | NeuroPrune {metric} | L1 {metric} | magnitude {metric} | "
-             "FFN connectivity std-dev NP / L1 / mag | step reached NP / L1 |", "|---|---|---|---|---|---|"]
-    by_level = {m: {row["level"]: row for row in results[m]["levels"]} for m in METHODS}
+             f"| target | NeuroPrune {metric} (sparsity) | L1 {metric} (sparsity) | magnitude {metric} | "
+             "FFN connectivity std-dev NP / L1 / mag | FFN units with c < 10% NP / L1 / mag |",
+             "|---|---|---|---|---|---|"]
+    by_level = {m: rows_by_level(results, m) for m in METHODS}
     for level in sorted(args.levels):
         cells = [by_level[m].get(level) for m in METHODS]
-        value = lambda row: f"{row['metric']:.4g}" if row else "not reached"  # noqa: E731
+        value = lambda row: f"{row['metric']:.4g} ({row['sparsity']:.1%})" if row else "-"  # noqa: E731
         spread = " / ".join(f"{row['connectivity_std']:.3f}" if row else "-" for row in cells)
-        steps = " / ".join(str(row["step"]) if row else "-" for row in cells[:2])
-        lines.append(f"| {level:.0%} | {' | '.join(value(row) for row in cells)} | {spread} | {steps} |")
-    np_rows = results["neuroprune"]["levels"]
+        dead = " / ".join(f"{row['units_below_10pct']:.1%}" if row else "-" for row in cells)
+        magnitude = f"{cells[2]['metric']:.4g}" if cells[2] else "-"
+        lines.append(f"| {level:.0%} | {value(cells[0])} | {value(cells[1])} | {magnitude} | {spread} | {dead} |")
+    np_rows = by_level["neuroprune"]
     if np_rows:
-        last = np_rows[-1]
-        kept = [h["heads_kept"] for h in last["heads"]]
-        closest = min(h["min_linf"] for h in last["heads"] if h["min_linf"] is not None)
-        lines += ["", f"NeuroPrune at {last['level']:.0%}: heads kept per attention block {kept} "
-                      f"(of {last['heads'][0]['heads']}); closest pair of heads in any layer: l_inf "
-                      f"{closest:.3f} (theta {args.theta})."]
-    speed = " / ".join(f"{results[m]['seconds_per_step']:.2f}" for m in METHODS)
-    lines += ["", f"Seconds per step NeuroPrune / L1 / dense: {speed}."]
+        def removed(row: dict) -> str:
+            cut = [f"{h['block']} {h['heads_kept']}/{h['heads']}" for h in row["heads"] if h["heads_kept"] < h["heads"]]
+            return ", ".join(cut) or "none"
+
+        def closest(row: dict) -> float:
+            return min(h["min_linf"] for h in row["heads"] if h["min_linf"] is not None)
+
+        lines += ["", f"Heads NeuroPrune removed (theta {args.theta}): "
+                  + "; ".join(f"{level:.0%}: {removed(row)}" for level, row in sorted(np_rows.items()))
+                  + ". Closest pair of heads in any layer (l_inf): "
+                  + ", ".join(f"{level:.0%}: {closest(row):.3f}" for level, row in sorted(np_rows.items()))
+                  + f"; dense fine-tuned: {closest(dense['fine_tuned']):.3f}."]
+    speeds = {m: [r["seconds_per_step"] for k, r in results.items() if k == m or k.startswith(m + "_")] for m in METHODS}
+    lines += ["", "Seconds per step NeuroPrune / L1 / dense: "
+              + " / ".join(f"{sum(v) / len(v):.2f}" if v else "-" for v in speeds.values()) + "."]
     return "\n".join(lines)
 
 
@@ -301,7 +315,7 @@ def plot(part: dict, results: dict, path: Path) -> None:
     figure = Figure(figsize=(5, 3.5))
     axes = figure.add_subplot()
     for method, label in (("neuroprune", "NeuroPrune"), ("l1", "L1"), ("dense", "magnitude (dense fine-tune)")):
-        rows = results[method]["levels"]
+        rows = [row for _, row in sorted(rows_by_level(results, method).items())]
         axes.plot([r["sparsity"] for r in rows], [r["metric"] for r in rows], marker="o", label=label)
     axes.axhline(results["dense"]["fine_tuned"]["metric"], color="grey", linestyle=":", label="dense fine-tuned")
     axes.set_xlabel("weight sparsity of penalised matrices")
@@ -317,10 +331,10 @@ def main() -> None:
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_quality")
     parser.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.5, 0.7])
-    parser.add_argument("--steps", type=int, default=None, help="step budget per run (default: lm 200, cls 200)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: lm 2e-3, cls 7e-4)")
+    parser.add_argument("--steps", type=int, default=None, help="step budget per run (default: lm 100, cls 150)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: lm 3e-3, cls 7e-4)")
     parser.add_argument("--theta", type=float, default=0.15)
-    parser.add_argument("--eval-examples", type=int, default=64, help="held-out 128-token blocks (lm)")
+    parser.add_argument("--eval-examples", type=int, default=48, help="held-out 128-token blocks (lm)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     args = parser.parse_args()
     for level in args.levels:
@@ -332,16 +346,18 @@ def main() -> None:
     report = []
     for name in (PARTS if args.part == "all" else [args.part]):
         part_args = copy.copy(args)
-        part_args.steps = args.steps or {"lm": 200, "cls": 200}[name]
-        part_args.lr = args.lr or {"lm": 2e-3, "cls": 7e-4}[name]
+        part_args.steps = args.steps or {"lm": 100, "cls": 150}[name]
+        part_args.lr = args.lr or {"lm": 3e-3, "cls": 7e-4}[name]
         part_out = out / name
         part = {"name": name, **PARTS[name](part_out, part_args)}
         results_path = part_out / "results.json"
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
-        for method in args.methods:
-            results[method] = train_and_measure(part, method, part_out, part_args)
+        runs = [("dense", None)] if "dense" in args.methods else []
+        runs += [(m, level) for level in sorted(args.levels) for m in ("neuroprune", "l1") if m in args.methods]
+        for method, level in runs:
+            results[run_name(method, level)] = train_and_measure(part, method, level, part_out, part_args)
             results_path.write_text(json.dumps(results, indent=1))
-        if all(m in results for m in METHODS):
+        if "dense" in results:
             report.append(tables(part, results, part_args))
             plot(part, results, out / f"{name}.png")
     if report:
