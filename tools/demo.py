@@ -116,6 +116,7 @@ def summarise(out: Path, config: Path) -> str:
     dense = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), dtype=torch.float32)
     pruned = AutoModelForCausalLM.from_pretrained(compact_dir, dtype=torch.float32, trust_remote_code=True)
     sparsity = report["weight_sparsity"]
+    target = yaml.safe_load(config.read_text())["neuroprune"]["target_sparsity"]
     rows = [("dense SmolLM2-135M (no fine-tuning)", perplexity(dense, config))]
     rows.append((f"NeuroPrune fine-tuned, compact export", perplexity(pruned, config)))
     names = penalised_weights(resolve_architecture(dense))
@@ -128,7 +129,7 @@ def summarise(out: Path, config: Path) -> str:
     lines = ["| model | held-out perplexity |", "|---|---|"]
     lines += [f"| {name} | {ppl:.2f} |" for name, ppl in rows]
     lines += ["", "| measure | value |", "|---|---|",
-              f"| weight sparsity (penalised matrices, |w| < 1e-4) | {sparsity:.1%} |",
+              f"| weight sparsity (penalised matrices, |w| < 1e-4) | {sparsity:.1%} (target {target:.0%}) |",
               f"| structural sparsity (removed by the compact export) | {report['structural_sparsity']:.1%} |",
               f"| heads kept per layer | {heads} |",
               f"| parameters dense -> compact | {dense_params / 1e6:.1f}M -> {pruned_params / 1e6:.1f}M |",
@@ -139,9 +140,9 @@ def summarise(out: Path, config: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
-    parser.add_argument("--target-sparsity", type=float, default=0.2)
+    parser.add_argument("--target-sparsity", type=float, default=0.1)
     parser.add_argument("--max-steps", type=int, default=90)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--theta", type=float, default=0.15)
     args = parser.parse_args()
     out = args.out.resolve()
