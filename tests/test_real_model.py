@@ -1,8 +1,8 @@
 """The real pretrained SmolLM2-135M (LLaMA, GQA) through the real trainer with NeuroPrune, then both exports.
 
 Bound: after 6 steps at lr 1e-4 with NeuroPrune on (lambda 1e-5), the held-out perplexity of the exported
-model stays within 10% of the dense pretrained model's (the demo, 90 steps at lr 5e-4, measured 38.07 vs
-40.08). Both exports reload with plain transformers and give the same logits.
+model stays within 10% of the dense pretrained model's (measured 65.47 vs 72.23 on its 32 eval blocks). Both
+exports reload with plain transformers and give the same logits.
 """
 
 import os
