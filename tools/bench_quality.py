@@ -216,7 +216,7 @@ def train_and_measure(part: dict, method: str, level: float | None, out: Path, a
     arch = resolve_architecture(engine.module)
     names = penalised_weights(arch)
     epsilon = session.run.neuroprune.epsilon
-    result = {"method": method, "level": level, "steps": args.steps, "sparsity_by_step": []}
+    result = {"method": method, "level": level, "steps": args.steps, "lr": args.lr, "sparsity_by_step": []}
     if method == "dense":
         result["pretrained"] = snapshot(session, part, arch, names, epsilon)
     progress = tqdm(total=args.steps, desc=f"{part['name']}/{run_name(method, level)}", unit="step",
@@ -318,6 +318,8 @@ def plot(part: dict, results: dict, path: Path) -> None:
         rows = [row for _, row in sorted(rows_by_level(results, method).items())]
         axes.plot([r["sparsity"] for r in rows], [r["metric"] for r in rows], marker="o", label=label)
     axes.axhline(results["dense"]["fine_tuned"]["metric"], color="grey", linestyle=":", label="dense fine-tuned")
+    if not part["higher_is_better"]:
+        axes.set_yscale("log")  # perplexities span orders of magnitude
     axes.set_xlabel("weight sparsity of penalised matrices")
     axes.set_ylabel(part["metric"].split("/")[-1])
     axes.set_title(part["label"], fontsize=9)
@@ -326,16 +328,21 @@ def plot(part: dict, results: dict, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def results_path_of(part_out: Path) -> Path:
+    return part_out / "results.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_quality")
     parser.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.5, 0.7])
-    parser.add_argument("--steps", type=int, default=None, help="step budget per run (default: lm 100, cls 150)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: lm 3e-3, cls 7e-4)")
+    parser.add_argument("--steps", type=int, default=None, help="step budget per run (default: lm 100, cls 100)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: lm 3e-3, cls 1e-3)")
     parser.add_argument("--theta", type=float, default=0.15)
     parser.add_argument("--eval-examples", type=int, default=48, help="held-out 128-token blocks (lm)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--report-only", action="store_true", help="rebuild tables and plots from results.json")
     args = parser.parse_args()
     for level in args.levels:
         if not 0 < level < 1:
@@ -346,15 +353,18 @@ def main() -> None:
     report = []
     for name in (PARTS if args.part == "all" else [args.part]):
         part_args = copy.copy(args)
-        part_args.steps = args.steps or {"lm": 100, "cls": 150}[name]
-        part_args.lr = args.lr or {"lm": 3e-3, "cls": 7e-4}[name]
+        part_args.steps = args.steps or {"lm": 100, "cls": 100}[name]
+        part_args.lr = args.lr or {"lm": 3e-3, "cls": 1e-3}[name]
         part_out = out / name
         part = {"name": name, **PARTS[name](part_out, part_args)}
-        results_path = part_out / "results.json"
+        if args.report_only and results_path_of(part_out).exists():
+            saved = json.loads(results_path_of(part_out).read_text())
+            part_args.steps, part_args.lr = saved["dense"]["steps"], saved["dense"].get("lr", part_args.lr)
+        results_path = results_path_of(part_out)
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
         runs = [("dense", None)] if "dense" in args.methods else []
         runs += [(m, level) for level in sorted(args.levels) for m in ("neuroprune", "l1") if m in args.methods]
-        for method, level in runs:
+        for method, level in ([] if args.report_only else runs):
             results[run_name(method, level)] = train_and_measure(part, method, level, part_out, part_args)
             results_path.write_text(json.dumps(results, indent=1))
         if "dense" in results:
