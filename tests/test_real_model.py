@@ -48,7 +48,9 @@ def test_smollm2_short_neuroprune_run_keeps_perplexity_and_exports_match(tmp_pat
            "neuroprune": {"mlp_lambda": 1e-5, "attn_lambda": 1e-5, "prune_every_steps": 6}}
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(run))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}  # a fresh job
+    env = dict(inherited, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
     subprocess.run([sys.executable, "-m", "neuroprune_ds.train", "--config", str(config)], env=env, check=True,
                    timeout=1200)
     neuroprune = Path(sys.executable).parent / "neuroprune"

@@ -98,5 +98,11 @@ def init_single_rank() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # MASTER_* only for this call: this process now hosts the store on that port, and a trainer started later
+    # by another test inherits os.environ (it failed with EADDRINUSE when these leaked)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        deepspeed.init_distributed(dist_backend="gloo")
+    finally:
+        for key in ("MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
