@@ -24,9 +24,6 @@ from neuroprune_ds.config_loader import (ConfigError, check_deepspeed_config, lo
 
 EXIT_INVALID = 2
 
-# Encoder-decoder families that classify text-to-text (the label is generated as a word), as in the T5 paper.
-
-
 def build_meta_model(run: RunConfig) -> torch.nn.Module:
     """Instantiate the run's model on the meta device from its config alone (no weights are read).
 

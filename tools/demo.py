@@ -118,7 +118,7 @@ def summarise(out: Path, config: Path) -> str:
     sparsity = report["weight_sparsity"]
     target = yaml.safe_load(config.read_text())["neuroprune"]["target_sparsity"]
     rows = [("dense SmolLM2-135M (no fine-tuning)", perplexity(dense, config))]
-    rows.append((f"NeuroPrune fine-tuned, compact export", perplexity(pruned, config)))
+    rows.append(("NeuroPrune fine-tuned, compact export", perplexity(pruned, config)))
     names = penalised_weights(resolve_architecture(dense))
     speed_ratio = prefill_speed_ratio(pruned, dense, dense.config.vocab_size)
     rows.append((f"magnitude pruning of the dense model to {sparsity:.1%}",
