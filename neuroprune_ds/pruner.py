@@ -328,6 +328,8 @@ class NeuroPruner:
                "neuroprune/lambda_scale": self.lambda_scale()}
         if self.config.target_sparsity is not None:
             out["neuroprune/target_sparsity"] = self.target_now()
+            out["neuroprune/controller_integral"] = self.controller.integral
+            out["neuroprune/pushed_fraction"] = self.controller.pushed_fraction
         zeros_total, weights_total = 0.0, 0
         for block, (zeros, weights) in self._block_sparsity(stats).items():
             out[f"sparsity/weight/{block}"] = zeros / weights

@@ -52,6 +52,15 @@ def add_ratio_histogram_(hist: torch.Tensor, grad: torch.Tensor, piece: FlatSlic
     hist += torch.bincount(position.long().clamp_(0, BINS - 1), minlength=BINS).double()
 
 
+def fraction_below(hist: torch.Tensor, scale: float) -> float:
+    """The fraction of the histogrammed ratios below ``scale`` (whole bins: those whose upper edge is <= it)."""
+    total = float(hist.sum())
+    if total == 0:
+        return 0.0
+    full_bins = int((math.log10(scale) - LOG_MIN) * BINS / (LOG_MAX - LOG_MIN))
+    return float(hist[:min(max(full_bins, 0), BINS)].sum()) / total
+
+
 def quantile_scale(hist: torch.Tensor, fraction: float) -> float:
     """The smallest scale s such that at least ``fraction`` of the histogrammed ratios are below s."""
     total = float(hist.sum())
@@ -78,6 +87,7 @@ class SparsityController:
         self.integral = 0.0
         self.previous: float | None = None
         self.rate = 0.0
+        self.pushed_fraction = 0.0  # of the last step's sampled weights, those the penalty outweighs at its scale
 
     def update(self, hist: torch.Tensor | None, needed_fraction: float, target: float, measured: float) -> float:
         """One step; returns the new lambda scale.
@@ -99,7 +109,10 @@ class SparsityController:
             self.log_feedforward += SMOOTHING * (log_now - self.log_feedforward)
         error = target - (measured + ahead)
         self.integral = min(INTEGRAL_LIMIT, max(-INTEGRAL_LIMIT, self.integral + self.gain * error))
-        return math.exp((self.log_feedforward or 0.0) + self.integral)
+        scale = math.exp((self.log_feedforward or 0.0) + self.integral)
+        if hist is not None:
+            self.pushed_fraction = fraction_below(hist, scale)
+        return scale
 
     def state_dict(self) -> dict:
         return {"log_feedforward": self.log_feedforward, "integral": self.integral, "previous": self.previous,

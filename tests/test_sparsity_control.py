@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from neuroprune_ds.flat_slice import COL, FlatSlice
-from neuroprune_ds.sparsity_control import BINS, LOG_MAX, LOG_MIN, SparsityController, add_ratio_histogram_, quantile_scale
+from neuroprune_ds.sparsity_control import (BINS, LOG_MAX, LOG_MIN, SparsityController, add_ratio_histogram_,
+                                            fraction_below, quantile_scale)
 
 
 def test_ratio_histogram_and_quantile_by_hand():
@@ -40,6 +41,21 @@ def test_controller_integral_is_bounded_and_acts_on_the_error():
     other = SparsityController(gain=1.0)
     other.load_state_dict(state)
     assert other.update(None, 0.5, 0.5, 0.0) == controller.update(None, 0.5, 0.5, 0.0)
+
+
+def test_pushed_fraction_reports_how_many_weights_the_penalty_outweighs():
+    # ratios 10^-3 .. 10^0.96 in 0.04-decade steps: 100 weights spread evenly over four decades
+    ratios = 10.0 ** (torch.arange(100, dtype=torch.float64) * 0.04 - 3.0)
+    hist = torch.zeros(BINS, dtype=torch.float64)
+    add_ratio_histogram_(hist, ratios, FlatSlice.of((1, 100)), COL, torch.ones(100, dtype=torch.float64), stride=1)
+    assert fraction_below(hist, 1e-3) == 0.0 and fraction_below(hist, 1e3) == 1.0
+    assert fraction_below(hist, 10 ** -1.0) == pytest.approx(0.50, abs=0.02)
+    controller = SparsityController(gain=1.0)
+    controller.update(hist, 0.2, target=0.2, measured=0.2)
+    assert controller.pushed_fraction == pytest.approx(0.2, abs=0.02)  # on target: the 20% quantile
+    for _ in range(50):  # measured sparsity far behind: the integral winds up to e^3 above that quantile,
+        controller.update(hist, 0.2, target=0.2, measured=0.0)  # 3 / ln(10) = 1.3 decades = 33 more weights
+    assert controller.pushed_fraction == pytest.approx(0.53, abs=0.02)
 
 
 @pytest.mark.dist

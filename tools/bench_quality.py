@@ -216,7 +216,8 @@ def train_and_measure(part: dict, method: str, level: float | None, out: Path, a
     arch = resolve_architecture(engine.module)
     names = penalised_weights(arch)
     epsilon = session.run.neuroprune.epsilon
-    result = {"method": method, "level": level, "steps": args.steps, "lr": args.lr, "sparsity_by_step": []}
+    result = {"method": method, "level": level, "steps": args.steps, "lr": args.lr, "sparsity_by_step": [],
+              "lambda_scale_by_step": [], "pushed_by_step": []}
     if method == "dense":
         result["pretrained"] = snapshot(session, part, arch, names, epsilon)
     progress = tqdm(total=args.steps, desc=f"{part['name']}/{run_name(method, level)}", unit="step",
@@ -233,6 +234,8 @@ def train_and_measure(part: dict, method: str, level: float | None, out: Path, a
             if pruner is not None:
                 pruner.after_step()
                 result["sparsity_by_step"].append(pruner.measured_sparsity)
+                result["lambda_scale_by_step"].append(pruner.lambda_scale())
+                result["pushed_by_step"].append(pruner.controller.pushed_fraction)
             engine_time += time.perf_counter() - step_started
             progress.update(1)
             if engine.global_steps >= args.steps:
@@ -252,7 +255,7 @@ def train_and_measure(part: dict, method: str, level: float | None, out: Path, a
     else:
         result["final"] = snapshot(session, part, arch, names, epsilon, level=level,
                                    heads=head_report(engine.module, arch, pruner.alive))
-    print(f"{run_name(method, level)}: {json.dumps({k: v for k, v in result.items() if k != 'sparsity_by_step'})[:400]}",
+    print(f"{run_name(method, level)}: {json.dumps({k: v for k, v in result.items() if not k.endswith('_by_step')})[:400]}",
           flush=True)
     engine.destroy()
     del session, engine, pruner
@@ -337,8 +340,8 @@ def main() -> None:
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_quality")
     parser.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.5, 0.7])
-    parser.add_argument("--steps", type=int, default=None, help="step budget per run (default: lm 100, cls 100)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: lm 3e-3, cls 1e-3)")
+    parser.add_argument("--steps", type=int, default=None, help="step budget per run (default: lm 100, cls 300)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: lm 3e-3, cls 3e-4)")
     parser.add_argument("--theta", type=float, default=0.15)
     parser.add_argument("--eval-examples", type=int, default=48, help="held-out 128-token blocks (lm)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -353,8 +356,8 @@ def main() -> None:
     report = []
     for name in (PARTS if args.part == "all" else [args.part]):
         part_args = copy.copy(args)
-        part_args.steps = args.steps or {"lm": 100, "cls": 100}[name]
-        part_args.lr = args.lr or {"lm": 3e-3, "cls": 1e-3}[name]
+        part_args.steps = args.steps or {"lm": 100, "cls": 300}[name]
+        part_args.lr = args.lr or {"lm": 3e-3, "cls": 3e-4}[name]
         part_out = out / name
         part = {"name": name, **PARTS[name](part_out, part_args)}
         if args.report_only and results_path_of(part_out).exists():
