@@ -501,6 +501,7 @@ class CheckpointManager:
         """Drop train/eval records logged after the checkpoint by the run that was interrupted."""
         from neuroprune_ds.logging_utils import METRICS_FILE
 
+        self.session.logger.forget_after(state["step"])
         path = Path(self.session.run.output_dir) / METRICS_FILE
         if not path.is_file():
             return

@@ -37,7 +37,8 @@ class MetricsLogger:
 
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR))
+        self.tensorboard_dir = str(output_dir / TENSORBOARD_DIR)
+        self.writer = SummaryWriter(log_dir=self.tensorboard_dir)
         self.jsonl = (output_dir / METRICS_FILE).open("a", buffering=1)
 
     def log(self, step: int, metrics: dict[str, float], *, kind: str) -> None:
@@ -60,6 +61,20 @@ class MetricsLogger:
             return
         for name, degree in degrees.items():
             self.writer.add_histogram(f"ffn_degree/{name}", degree.detach().float().cpu(), global_step=step)
+
+    def forget_after(self, step: int) -> None:
+        """Hide from TensorBoard what an interrupted run logged after ``step``, the step a resume restarts from.
+
+        A new event file starts with a session-start marker at ``step + 1``; TensorBoard drops every earlier
+        event at or after that step, so the resumed run's curves replace, not overlay, the lost ones.
+        (``metrics.jsonl`` is cut back by the checkpoint manager.)
+        """
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer.close()
+        self.writer = SummaryWriter(log_dir=self.tensorboard_dir, purge_step=step + 1)
 
     def close(self) -> None:
         if self.enabled:

@@ -109,6 +109,14 @@ def records(output_dir: str | Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+def tensorboard_losses(output_dir) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(output_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, round(e.value, 6)) for e in events.Scalars("train/loss")]
+
+
 def per_step(output_dir, key="train/loss") -> list[tuple[int, float]]:
     return [(r["step"], r.get(key)) for r in records(output_dir, "train")]
 
@@ -187,6 +195,7 @@ def test_sigkill_in_save_then_resume_eval_signal_nonfinite_and_keep_last(tmp_pat
     # SIGKILL: resumed from the last complete tag; the broken one was replaced; the run equals the reference.
     assert [results["after_kill", r]["resumed_step"] for r in (0, 1)] == [2, 2]
     assert per_step(tmp_path / "killed") == per_step(ref)
+    assert tensorboard_losses(tmp_path / "killed") == tensorboard_losses(ref)  # steps 3-4 of the kill hidden
     assert _tags(tmp_path / "killed") == _tags(ref) == ["step_4", "step_6"]  # keep_last = 2
     assert all((ref / "checkpoints" / t / "complete").is_file() for t in _tags(ref))
 

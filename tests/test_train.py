@@ -73,6 +73,23 @@ def test_build_optimizer_exempts_biases_and_norms_from_weight_decay():
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0 and decay["lr"] == 3e-4
 
 
+def test_metrics_logger_forgets_what_an_interrupted_run_logged_after_the_resume_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    crashed = MetricsLogger(tmp_path, enabled=True)
+    for step in range(1, 6):
+        crashed.log(step, {"train/loss": float(step)}, kind="train")
+    crashed.writer.flush()  # SIGKILL: no close; the checkpoint of step 2 is the last complete one
+    resumed = MetricsLogger(tmp_path, enabled=True)
+    resumed.forget_after(2)
+    for step in (3, 4):
+        resumed.log(step, {"train/loss": 10.0 * step}, kind="train")
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / TENSORBOARD_DIR))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
 def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -93,6 +110,7 @@ def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
     assert events.Histograms("ffn_degree/l0.mlp")[0].histogram_value.num == 3
 
     quiet = MetricsLogger(tmp_path / "rank1", enabled=False)
+    quiet.forget_after(1)
     quiet.log(1, {"x": 1.0}, kind="train")
     quiet.close()
     assert not (tmp_path / "rank1").exists()
