@@ -28,6 +28,7 @@ discards that step's gradients. Nothing of a bad state is ever saved.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -136,7 +137,9 @@ class FiniteGuard:
     same decision: raise :class:`NonFiniteError` (policy ``stop``), or (``skip``) make ``engine.step()``
     leave weights and optimizer state untouched on every rank: at ZeRO 1-3 the gradient shards are set to
     NaN so that DeepSpeed's own overflow check discards the step (``engine.skipped_steps`` counts it; the LR
-    schedule does not advance); at ZeRO-0 the gradients are dropped, so AdamW skips every parameter.
+    schedule does not advance); at ZeRO-0 the gradients are dropped, so AdamW skips every parameter
+    (gradient clipping, which would fail on no gradients, is held off for that step), and :meth:`after_step`
+    puts the LR schedule back where it was, so that it does not advance there either.
     """
 
     def __init__(self, engine, policy: str, rank: int):
@@ -147,6 +150,7 @@ class FiniteGuard:
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         self.bad_loss = False
         self.skipped_steps = 0
+        self._held: tuple[float, dict | None, list[float]] | None = None  # ZeRO-0 skip: clipping, LR schedule
 
     def observe(self, loss: torch.Tensor) -> None:
         self.bad_loss |= not bool(torch.isfinite(loss.detach()).all())
@@ -182,10 +186,27 @@ class FiniteGuard:
                 return False
         return True
 
+    def after_step(self) -> None:
+        """Call after every ``engine.step()``: restores clipping and the LR schedule over a step skipped at ZeRO-0."""
+        if self._held is None:
+            return
+        clipping, scheduler_state, group_lrs = self._held
+        self._held = None
+        self.engine._config.gradient_clipping = clipping
+        if scheduler_state is not None:
+            self.engine.lr_scheduler.load_state_dict(scheduler_state)
+        for group, lr in zip(self.engine.optimizer.param_groups, group_lrs):
+            group["lr"] = lr
+
     def _discard_gradients(self) -> None:
         if not self.engine.zero_optimization() and not self.engine.bfloat16_enabled():
             for param in self.params:
                 param.grad = None
+            scheduler = self.engine.lr_scheduler
+            self._held = (self.engine._config.gradient_clipping,
+                          None if scheduler is None else copy.deepcopy(scheduler.state_dict()),
+                          [group["lr"] for group in self.engine.optimizer.param_groups])
+            self.engine._config.gradient_clipping = 0.0  # DeepSpeed's norm of no gradients raises
             return
         for param in self.params:
             self.access.edit_grad(param, lambda grad, piece: grad.fill_(float("nan")))

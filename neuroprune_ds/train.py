@@ -359,6 +359,7 @@ def train(session: Session, checkpoints: CheckpointManager, resumed=None) -> dic
             checkpoints.guard.observe(loss)
             step_before = engine.global_steps
             engine.step()
+            checkpoints.guard.after_step()
             if pruner is not None:
                 pruner.after_step()
             window.add(loss.item(), _count_tokens(batch))

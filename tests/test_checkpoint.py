@@ -330,3 +330,42 @@ def test_requeued_sbatch_job_continues_where_it_stopped(tmp_path, assets):
     finally:
         if not was_running:
             subprocess.run([str(LOCAL_SLURM), "stop"], timeout=120)
+
+
+# ------------------------------------------------------------------------------ skip at ZeRO-0 (one rank)
+
+
+def test_skipped_step_at_zero0_leaves_weights_moments_and_lr_schedule_where_they_were():
+    """At ZeRO 1-3 DeepSpeed's overflow path keeps the LR schedule still over a skipped step; ZeRO-0 must too."""
+    import deepspeed
+    import torch
+
+    from neuroprune_ds.checkpoint import FiniteGuard
+    from tiny_models import batch, equivalence_model, init_single_rank
+
+    init_single_rank()
+    model = equivalence_model("llama")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / 10)  # warm-up: moves every step
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config={
+        "train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9, "zero_optimization": {"stage": 0}})
+    guard = FiniteGuard(engine, "skip", rank=0)
+
+    def step(index: int, poison: bool) -> float:
+        loss = engine(**batch("llama", index, 0)).loss
+        engine.backward(loss)
+        guard.observe(loss * float("nan") if poison else loss)
+        engine.step()
+        guard.after_step()
+        return optimizer.param_groups[0]["lr"]
+
+    step(0, poison=False)
+    weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    moments = {n: optimizer.state[p]["exp_avg"].clone() for n, p in engine.module.named_parameters()}
+    lr_before, epoch_before = optimizer.param_groups[0]["lr"], scheduler.last_epoch
+    assert step(1, poison=True) == lr_before and scheduler.last_epoch == epoch_before
+    assert guard.skipped_steps == 1
+    assert all(torch.equal(p, weights[n]) for n, p in engine.module.named_parameters())
+    assert all(torch.equal(optimizer.state[p]["exp_avg"], moments[n]) for n, p in engine.module.named_parameters())
+    assert step(2, poison=False) == pytest.approx(0.3e-3)  # the warm-up resumes where it stopped: step 2 of it
+    engine.destroy()
