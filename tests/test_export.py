@@ -32,8 +32,8 @@ from neuroprune_ds.export.plan import AttentionKeep, apply_masks_, ffn_keep, rel
 from neuroprune_ds.export.safetensors_stream import TensorSpec, write_safetensors
 from tiny_models import tiny_model
 
-TASKS = {"llama": "causal_lm", "opt": "causal_lm", "t5": "seq2seq", "t5_v1_0": "seq2seq", "bart": "seq2seq",
-         "bert": "classification"}
+TASKS = {"llama": "causal_lm", "mistral": "causal_lm", "qwen2": "causal_lm", "opt": "causal_lm", "t5": "seq2seq",
+         "t5_v1_0": "seq2seq", "bart": "seq2seq", "bert": "classification"}
 ALL = list(range(48))
 
 # case -> (tiny family, pruned units per (stack, kind, layer), killed FFN units per (stack, layer):
@@ -43,6 +43,10 @@ CASES = {
               {("decoder", 0): {"rows": {0: [0], 1: [1]}, "cols": [2]}, ("decoder", 1): {"cols": ALL}}, False, None),
     "llama_uniform": ("llama", {("decoder", "self", 0): [1], ("decoder", "self", 1): [0]},
                       {("decoder", 0): {"cols": [3]}, ("decoder", 1): {"rows": {1: [7]}}}, True, None),
+    "mistral": ("mistral", {("decoder", "self", 1): [1]},
+                {("decoder", 0): {"rows": {1: [3]}, "cols": [5]}, ("decoder", 1): {"cols": [0, 1]}}, False, None),
+    "qwen2": ("qwen2", {("decoder", "self", 0): [1]},  # layer 0 full attention, layer 1 a sliding window
+              {("decoder", 0): {"cols": [4]}, ("decoder", 1): {"rows": {0: [2]}, "cols": [6, 7]}}, False, None),
     "opt": ("opt", {("decoder", "self", 0): [0, 2], ("decoder", "self", 1): [3]},
             {("decoder", 0): {"rows": {0: [0, 1, 9]}, "cols": [2]}, ("decoder", 1): {"rows": {0: [4]}}}, False, None),
     "opt_sharded": ("opt", {("decoder", "self", 1): [1]}, {("decoder", 0): {"cols": [5]}}, False, 20_000),
@@ -337,7 +341,10 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-def test_compact_needs_a_family_with_compact_classes(tmp_path):
+def test_compact_needs_a_family_with_compact_classes(tmp_path, monkeypatch):
+    from neuroprune_ds.export import compact_models
+
+    monkeypatch.delitem(compact_models.COMPACT_FAMILIES, "qwen2")  # as for an architecture a user registers
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=64))

@@ -7,6 +7,12 @@ TINY_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=64, max_position_embeddings=64),
+    "mistral": lambda: transformers.MistralConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=64, sliding_window=4),
+    "qwen2": lambda: transformers.Qwen2Config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=64, use_sliding_window=True, sliding_window=4, max_window_layers=1),
     "opt": lambda: transformers.OPTConfig(
         hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
         word_embed_proj_dim=32, max_position_embeddings=64),
@@ -26,6 +32,8 @@ TINY_CONFIGS = {
 
 MODEL_CLASSES = {
     "llama": transformers.AutoModelForCausalLM,
+    "mistral": transformers.AutoModelForCausalLM,
+    "qwen2": transformers.AutoModelForCausalLM,
     "opt": transformers.AutoModelForCausalLM,
     "t5": transformers.AutoModelForSeq2SeqLM,
     "t5_v1_0": transformers.AutoModelForSeq2SeqLM,

@@ -1,6 +1,7 @@
 """Compact model classes per family, and how an export plan becomes their config.
 
-Each module here (``llama.py``, ``opt.py``, ``t5.py``, ``bart.py``, ``bert.py``) is self-contained: it imports
+Each module here (``llama.py`` for LLaMA, Mistral and Qwen2, ``opt.py``, ``t5.py``, ``bart.py``,
+``bert.py``) is self-contained: it imports
 only torch and transformers, so the converter copies it into the export directory as
 ``modeling_neuroprune_<family>.py`` and points ``auto_map`` at it. That is why each file repeats the small
 ``LayerConfig`` helper: remote code is one file. ``COMPACT_FAMILIES`` says, per HF
@@ -48,10 +49,12 @@ class CompactFamily:
     head count, so only unpruned attention fits it."""
     stock_kv_heads: dict[tuple[str, str], str] = field(default_factory=dict)
     stock_ffn: dict[str, str] = field(default_factory=dict)
+    name: str | None = None
+    """the compact model_type's suffix where one module serves several families (default: ``module``)."""
 
     @property
     def model_type(self) -> str:
-        return f"neuroprune_{self.module}"
+        return f"neuroprune_{self.name or self.module}"
 
     @property
     def file_name(self) -> str:
@@ -66,16 +69,24 @@ class CompactFamily:
         return importlib.import_module(f"{__name__}.{self.module}")
 
 
-COMPACT_FAMILIES: dict[str, CompactFamily] = {
-    "llama": CompactFamily(
-        "llama", "NeuroPruneLlamaConfig",
-        {"causal_lm": "NeuroPruneLlamaForCausalLM", "classification": "NeuroPruneLlamaForSequenceClassification"},
+def _llama_like(prefix: str) -> CompactFamily:
+    """LLaMA, Mistral and Qwen2: one module (``llama.py``), one class per family."""
+    return CompactFamily(
+        "llama", f"NeuroPrune{prefix}Config",
+        {"causal_lm": f"NeuroPrune{prefix}ForCausalLM", "classification": f"NeuroPrune{prefix}ForSequenceClassification"},
         heads={("decoder", "self"): "num_attention_heads_per_layer"},
         kv_heads={("decoder", "self"): "num_key_value_heads_per_layer"},
         ffn={"decoder": "intermediate_size_per_layer"},
         stock_heads={("decoder", "self"): "num_attention_heads"},
         stock_kv_heads={("decoder", "self"): "num_key_value_heads"},
-        stock_ffn={"decoder": "intermediate_size"}),
+        stock_ffn={"decoder": "intermediate_size"},
+        name=prefix.lower())
+
+
+COMPACT_FAMILIES: dict[str, CompactFamily] = {
+    "llama": _llama_like("Llama"),
+    "mistral": _llama_like("Mistral"),
+    "qwen2": _llama_like("Qwen2"),
     "opt": CompactFamily(
         "opt", "NeuroPruneOPTConfig",
         {"causal_lm": "NeuroPruneOPTForCausalLM", "classification": "NeuroPruneOPTForSequenceClassification"},
