@@ -1,6 +1,6 @@
 """Quality benchmark: NeuroPrune vs plain L1 vs magnitude pruning at equal weight sparsity, on real models.
 
-    python tools/bench_quality.py                      # both parts, defaults below (~1 hour on 2 cores)
+    python tools/bench_quality.py                      # both parts, defaults below (~85 minutes on 2 cores)
     python tools/bench_quality.py --part lm --steps 100 --lr 3e-3 --levels 0.25 0.5 0.7
 
 Two parts, each trained in this process on a real DeepSpeed engine (1 rank, ZeRO-0 fp32; the pruner's

@@ -140,9 +140,9 @@ def summarise(out: Path, config: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
-    parser.add_argument("--target-sparsity", type=float, default=0.08)
+    parser.add_argument("--target-sparsity", type=float, default=0.05)
     parser.add_argument("--max-steps", type=int, default=90)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--theta", type=float, default=0.15)
     args = parser.parse_args()
     out = args.out.resolve()
