@@ -3,7 +3,7 @@
 Layout (the exporter, :mod:`neuroprune_ds.export.checkpoint`, reads the same)::
 
     <output_dir>/checkpoints/
-        config.json, tokenizer files   the model's HF config and tokenizer, written once by rank 0
+        config.json, tokenizer files   the model's HF config and tokenizer, written by rank 0 at a run's first save
         step_<N>/                      what ``engine.save_checkpoint(dir, tag="step_<N>", client_state=...)`` writes
         step_<N>/complete              written LAST by rank 0, after a barrier: every rank's files are on disk
         latest                         names the newest complete tag; replaced atomically (rename) by rank 0
@@ -310,6 +310,83 @@ def _is_universal(tag_dir: Path) -> bool:
     return (tag_dir / "zero").is_dir()
 
 
+def choose_resume(resume: str, ckpt_dir: Path) -> str | None | CheckpointError:
+    """The tag directory ``checkpoint.resume`` selects, None for a fresh start, or the error to raise."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        tag = find_resume_tag(ckpt_dir)
+        return str(ckpt_dir / tag) if tag else None
+    path = Path(resume)
+    if (path / LATEST).is_file() or complete_tags(path):
+        tag = find_resume_tag(path)
+        if tag is None:
+            return CheckpointError(f"checkpoint.resume={resume}: no complete checkpoint in it")
+        return str(path / tag)
+    if is_complete(path) or _is_universal(path):
+        return str(path)
+    others = ", ".join(complete_tags(path.parent)) or "none"
+    return CheckpointError(f"checkpoint.resume={resume}: not a complete checkpoint (no '{COMPLETE}' marker: "
+                           f"its save was interrupted); complete tags beside it: {others}")
+
+
+# HF config fields that set parameter shapes in the supported families (LLaMA, OPT, BART, T5, BERT).
+_SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "ffn_dim", "word_embed_proj_dim",
+                 "max_position_embeddings", "d_model", "d_ff", "d_kv", "num_layers", "num_decoder_layers",
+                 "num_heads", "encoder_layers", "decoder_layers", "encoder_ffn_dim", "decoder_ffn_dim",
+                 "encoder_attention_heads", "decoder_attention_heads")
+
+
+def _shape_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [f"{key} {saved[key]!r} there, {current[key]!r} here" for key in _SHAPE_FIELDS
+            if key in saved and key in current and saved[key] != current[key]]
+
+
+def output_dir_errors(run, *, zero_stage: int, load_universal: bool, read_model_config) -> list[str]:
+    """What makes a run's output_dir or ``checkpoint.resume`` unusable, found before anything is written.
+
+    Args:
+        run: the run configuration (output_dir, checkpoint.resume).
+        zero_stage: the ZeRO stage of this run's DeepSpeed config.
+        load_universal: whether the DeepSpeed config loads universal checkpoints (any stage, any world size).
+        read_model_config: returns this run's HF model config; called only when a checkpoint is there to
+            compare it with (it can take seconds for a GGUF file).
+
+    Returns:
+        One message per problem (what was found, and what to do); empty when the run can start.
+    """
+    ckpt_dir = Path(run.output_dir) / CHECKPOINTS_DIR
+    resume = run.checkpoint.resume
+    choice = choose_resume(resume, ckpt_dir)
+    if isinstance(choice, CheckpointError):
+        return [str(choice)]
+    errors = []
+    current: dict[str, Any] | None = None
+    sources = [(ckpt_dir, f"output_dir {run.output_dir!r} holds checkpoints of another model", "nothing was "
+                f"written: give this run its own output_dir, or move {str(ckpt_dir)!r} away to start afresh here")]
+    if choice is not None and Path(choice).parent != ckpt_dir:
+        sources.append((Path(choice).parent, f"checkpoint.resume={resume} was saved from another model",
+                        "resume with the model it was trained from, or set checkpoint.resume=never"))
+    for directory, problem, remedy in sources:
+        saved = directory / "config.json"
+        if not saved.is_file():
+            continue
+        current = current if current is not None else read_model_config().to_dict()
+        differences = _shape_differences(json.loads(saved.read_text()), current)
+        if differences:
+            errors.append(f"{problem} ({'; '.join(differences)}); {remedy}")
+    marker = Path(choice) / COMPLETE if choice is not None else None
+    if marker is not None and marker.is_file() and not load_universal:
+        saved_stage = json.loads(marker.read_text())["zero_stage"]
+        # Stages 1 and 2 share DeepSpeed's optimizer and checkpoint layout; the others do not.
+        if saved_stage != zero_stage and not {saved_stage, zero_stage} <= {1, 2}:
+            errors.append(f"{choice} was saved at ZeRO stage {saved_stage}; the DeepSpeed config "
+                          f"{run.deepspeed!r} has stage {zero_stage}: resume with zero_optimization.stage "
+                          f"{saved_stage}, or start afresh with checkpoint.resume=never or another output_dir")
+    return errors
+
+
 # ------------------------------------------------------------------------------------------- manager
 
 
@@ -339,6 +416,7 @@ class CheckpointManager:
         self.preemption = Preemption(self.engine.device)
         self.guard = FiniteGuard(self.engine, self.config.on_nonfinite, self.rank)
         self.last_saved_step: int | None = None
+        self._model_files_written = False
 
     # -- schedule -----------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -414,22 +492,34 @@ class CheckpointManager:
         return [r for r in records if r.get("step", 0) <= step]
 
     def _write_model_files(self) -> None:
-        if (self.ckpt_dir / "config.json").is_file():
+        """(rank 0) This run's HF config and tokenizer, at its first save: files left by an earlier run in
+        this output_dir are replaced, each by a rename, so a kill never leaves one half-written."""
+        if self._model_files_written:
             return
-        self.engine.module.config.save_pretrained(self.ckpt_dir)
+        staging = self.ckpt_dir / f".model_files.tmp.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.engine.module.config.save_pretrained(staging)
         if self.session.tokenizer is not None:
-            self.session.tokenizer.save_pretrained(self.ckpt_dir)
+            self.session.tokenizer.save_pretrained(staging)
+        for file in staging.iterdir():
+            os.replace(file, self.ckpt_dir / file.name)
+        staging.rmdir()
+        self._model_files_written = True
 
     def _remove_old(self, keep: str) -> None:
-        """Keep the newest ``keep_last`` complete tags; drop incomplete tags older than ``keep`` (rank 0)."""
+        """Keep the newest ``keep_last`` complete tags up to ``keep``; drop incomplete tags older than it, and
+        tags beyond it: an earlier run's, which this one (resume=never, or resumed from an older tag) replaces
+        (rank 0)."""
         newest = tag_step(keep)
-        complete = complete_tags(self.ckpt_dir)
+        complete = [tag for tag in complete_tags(self.ckpt_dir) if tag_step(tag) <= newest]
         doomed = set(complete[:-self.config.keep_last]) if len(complete) > self.config.keep_last else set()
         for path in self.ckpt_dir.iterdir():
             step = tag_step(path.name)
             if step is None or not path.is_dir() or path.name == keep:
                 continue
-            if path.name in doomed or (step < newest and not is_complete(path)):
+            if step > newest:
+                log.warning("removing %s: left by an earlier run in this output_dir, replaced by this one", path)
+            if path.name in doomed or step > newest or (step < newest and not is_complete(path)):
                 shutil.rmtree(path, ignore_errors=True)
 
     # -- resume -------------------------------------------------------------------------------------
@@ -470,26 +560,10 @@ class CheckpointManager:
 
     def _choose(self):
         """(rank 0) The tag directory to resume from, None for a fresh start, or the error to raise."""
-        resume = self.config.resume
-        if resume == "never":
-            if complete_tags(self.ckpt_dir):
-                log.warning("checkpoint.resume=never: starting afresh; checkpoints in %s will be replaced",
-                            self.ckpt_dir)
-            return None
-        if resume == "auto":
-            tag = find_resume_tag(self.ckpt_dir)
-            return str(self.ckpt_dir / tag) if tag else None
-        path = Path(resume)
-        if (path / LATEST).is_file() or complete_tags(path):
-            tag = find_resume_tag(path)
-            if tag is None:
-                return CheckpointError(f"checkpoint.resume={resume}: no complete checkpoint in it")
-            return str(path / tag)
-        if is_complete(path) or _is_universal(path):
-            return str(path)
-        others = ", ".join(complete_tags(path.parent)) or "none"
-        return CheckpointError(f"checkpoint.resume={resume}: not a complete checkpoint (no '{COMPLETE}' marker: "
-                               f"its save was interrupted); complete tags beside it: {others}")
+        if self.config.resume == "never" and complete_tags(self.ckpt_dir):
+            log.warning("checkpoint.resume=never: starting afresh; checkpoints in %s will be replaced",
+                        self.ckpt_dir)
+        return choose_resume(self.config.resume, self.ckpt_dir)
 
     def _check_world_size(self, tag_dir: Path) -> None:
         marker = tag_dir / COMPLETE

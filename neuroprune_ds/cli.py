@@ -7,28 +7,30 @@ the function executing it (which returns the exit status); ``SUBCOMMANDS`` regis
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections import Counter
 from collections.abc import Sequence
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
+from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM,
                           AutoModelForSequenceClassification)
 
 from neuroprune_ds.arch import ResolvedArchitecture, resolve_architecture
 from neuroprune_ds import train
 from neuroprune_ds.config import RunConfig
-from neuroprune_ds.data import uses_text_to_text
-from neuroprune_ds.config_loader import (ConfigError, check_deepspeed_config, load_config,
+from neuroprune_ds.data import load_tokenizer, uses_text_to_text
+from neuroprune_ds.config_loader import (ConfigError, check_deepspeed_config, check_paths, load_config,
                                          load_deepspeed_config)
+from neuroprune_ds.distributed import EXIT_INVALID
 
-EXIT_INVALID = 2
 
-def build_meta_model(run: RunConfig) -> torch.nn.Module:
+def build_meta_model(run: RunConfig, model_config=None) -> torch.nn.Module:
     """Instantiate the run's model on the meta device from its config alone (no weights are read).
 
     Args:
         run: the run configuration (model path, GGUF file, task, num_labels).
+        model_config: the model's HF config when already read (default: read it).
 
     Returns:
         The ``AutoModelFor<task>`` model with meta tensors: shapes without storage.
@@ -37,8 +39,7 @@ def build_meta_model(run: RunConfig) -> torch.nn.Module:
         OSError: the model directory or hub name cannot be found.
         ValueError: transformers does not know the model type for this task.
     """
-    model_config = AutoConfig.from_pretrained(run.model.name_or_path, gguf_file=run.model.gguf_file,
-                                              trust_remote_code=run.model.trust_remote_code)
+    model_config = copy.deepcopy(model_config or train.load_model_config(run))
     auto_class = {"causal_lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM,
                   "classification": AutoModelForSequenceClassification}[run.task]
     if uses_text_to_text(run.task, model_config.model_type):
@@ -88,30 +89,59 @@ def add_validate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    """Execute ``neuroprune validate``; returns the exit status."""
+    """Execute ``neuroprune validate``: every check of the trainer's set-up before data is read; returns the
+    exit status."""
     try:
         run = load_config(args.config, args.overrides)
     except ConfigError as error:
         print(f"{args.config}: {error}", file=sys.stderr)
         return EXIT_INVALID
-    errors = []
-    ds_path = args.deepspeed or run.deepspeed
+    if args.deepspeed:
+        run.deepspeed = args.deepspeed
+    errors = check_paths(run)
     try:
-        errors += check_deepspeed_config(load_deepspeed_config(ds_path), run, args.world_size)
+        ds = load_deepspeed_config(run.deepspeed)
+        errors += check_deepspeed_config(ds, run, args.world_size)
     except ConfigError as error:
+        ds = {}
         errors += error.errors
-    try:
-        model = build_meta_model(run)
-        arch = resolve_architecture(model, run.neuroprune)
-    except (OSError, ValueError) as error:
-        errors += [f"model {run.model.name_or_path!r}: {line}" for line in str(error).splitlines()]
+    wrong_paths = {error.partition(":")[0] for error in errors}
+    if not wrong_paths & {"model.name_or_path", "model.tokenizer", "model.gguf_file"}:
+        errors += _tokenizer_errors(run)
+    summary = None
+    if not wrong_paths & {"model.name_or_path", "model.gguf_file"}:
+        summary = _check_model(run, ds, errors)
     if errors:
         print(f"{args.config}: {ConfigError(errors)}", file=sys.stderr)
         return EXIT_INVALID
-    print(summarize_architecture(model, arch))
-    print(f"deepspeed: {ds_path}")
+    print(summary)
+    print(f"deepspeed: {run.deepspeed}")
     print(f"{args.config}: valid")
     return 0
+
+
+def _tokenizer_errors(run: RunConfig) -> list[str]:
+    try:
+        load_tokenizer(run.model)
+    except (OSError, ValueError) as error:
+        return [" ".join(str(error).split())]
+    return []
+
+
+def _check_model(run: RunConfig, ds: dict, errors: list[str]) -> str | None:
+    """Append the model's problems to ``errors``; the architecture summary when it resolves."""
+    try:
+        model_config = train.load_model_config(run)
+        found = train.run_errors(run, ds, lambda: model_config)
+        errors += found
+        if found:
+            return None
+        model = build_meta_model(run, model_config)
+        arch = resolve_architecture(model, run.neuroprune)
+    except (OSError, ValueError) as error:
+        errors += [f"model {run.model.name_or_path!r}: {line}" for line in str(error).splitlines()]
+        return None
+    return summarize_architecture(model, arch)
 
 
 def add_train(subparsers: argparse._SubParsersAction) -> None:

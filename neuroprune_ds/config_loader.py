@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import yaml
 from deepspeed.autotuning.constants import AUTOTUNING
 from deepspeed.comm.constants import COMMS_LOGGER
@@ -30,10 +31,10 @@ from deepspeed.runtime.activation_checkpointing.config import ACT_CHKPT
 from deepspeed.runtime.config import EXPERT_PARALLEL
 from deepspeed.runtime.data_pipeline.constants import DATA_EFFICIENCY
 from deepspeed.runtime.swap_tensor.constants import AIO
-from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION
+from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION, DeepSpeedZeroConfig
 from deepspeed.utils.config import TIMERS
 
-from neuroprune_ds.config import RunConfig
+from neuroprune_ds.config import RunConfig, ScheduleConfig
 
 
 class ConfigError(ValueError):
@@ -66,13 +67,59 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
     path = Path(path)
     try:
         text = path.read_text()
-    except OSError as error:
-        raise ConfigError([f"cannot read config file {str(path)!r}: {error.strerror}"]) from error
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ConfigError([f"cannot read config file {str(path)!r}: {reason}"]) from error
+    duplicates: list[str] = []
     try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if path.suffix == ".json":
+            raw = json.loads(text, object_pairs_hook=_dict_noting_duplicates(duplicates))
+        else:
+            loader = _UniqueKeyLoader(text)
+            try:
+                raw = loader.get_single_data()
+            finally:
+                loader.dispose()
+            duplicates += loader.duplicates
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise ConfigError([f"cannot parse {str(path)!r}: {_one_line(error)}"]) from error
+    if duplicates:
+        raise ConfigError([f"{str(path)!r}: key {key} appears more than once (only one value would be used)"
+                           for key in duplicates])
     return config_from_dict({} if raw is None else raw, overrides)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that records every key repeated within one mapping (PyYAML keeps the last value)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<' merges are meant to be overridden
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    self.duplicates.append(f"{key!r} (lines {first_line[key]} and {line})")
+                else:
+                    first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _dict_noting_duplicates(duplicates: list[str]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A ``json.loads`` object hook that appends each key an object repeats to ``duplicates``."""
+
+    def pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        duplicates.extend(repr(key) for key in sorted({key for key in keys if keys.count(key) > 1}))
+        return dict(pairs)
+
+    return pairs_to_dict
 
 
 def config_from_dict(raw: Any, overrides: Iterable[str] = ()) -> RunConfig:
@@ -97,6 +144,8 @@ def config_from_dict(raw: Any, overrides: Iterable[str] = ()) -> RunConfig:
     bad_paths: set[str] = set()
     config = _build(RunConfig, raw, "", errors, bad_paths)
     errors += _rule_errors(config, skip=bad_paths)
+    if not {"schedule", "schedule.warmup_steps", "schedule.max_steps"} & bad_paths:
+        errors += warmup_errors(config.schedule, config.schedule.max_steps)
     if errors:
         raise ConfigError(errors)
     return config
@@ -382,6 +431,66 @@ def _rule_errors(config: RunConfig, skip: set[str]) -> list[str]:
     return errors
 
 
+def warmup_errors(schedule: ScheduleConfig, total_steps: int | None) -> list[str]:
+    """A warm-up longer than the run (``total_steps``: max_steps, or the epochs' steps once the data is known).
+
+    Returns:
+        One message when ``schedule.warmup_steps`` exceeds ``total_steps``; empty otherwise.
+    """
+    if total_steps is None or schedule.warmup_steps is None or schedule.warmup_steps <= total_steps:
+        return []
+    return [f"schedule.warmup_steps: {schedule.warmup_steps} is more than the run's {total_steps} optimizer steps "
+            f"(the learning rate would never reach schedule.lr = {schedule.lr}); expected at most {total_steps}"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Paths the run reads or writes
+
+
+def check_paths(run: RunConfig) -> list[str]:
+    """Check the local paths of a run before anything is loaded: model, tokenizer, data and output_dir.
+
+    Names that do not look like local paths are taken as hub names and left to the loaders.
+
+    Returns:
+        One message per path that cannot work; empty when none is wrong.
+    """
+    from neuroprune_ds.data import looks_like_local_path  # imports transformers: only where paths are checked
+
+    errors = []
+    output_dir = Path(run.output_dir).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        errors.append(f"output_dir: {run.output_dir!r} is a file; expected a directory (it is created if missing)")
+    errors += _model_dir_errors("model.name_or_path", run.model.name_or_path, run.model.gguf_file)
+    if run.model.tokenizer is not None:
+        errors += _model_dir_errors("model.tokenizer", run.model.tokenizer, None, needs_config=False)
+    for field, spec in (("data.train", run.data.train), ("data.eval", run.data.eval)):
+        if spec and looks_like_local_path(spec) and not Path(spec).expanduser().exists():
+            errors.append(f"{field}: {spec!r} does not exist; expected a data file, a directory of them, or a "
+                          f"hub dataset name")
+    return errors
+
+
+def _model_dir_errors(field: str, name: str, gguf_file: str | None, needs_config: bool = True) -> list[str]:
+    from neuroprune_ds.data import looks_like_local_path
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            return [f"model.gguf_file: {gguf_file!r} is not a file in {name!r}"]
+        if gguf_file is None and needs_config and not (path / "config.json").is_file():
+            return [f"{field}: {name!r} has no config.json; expected a Hugging Face model directory "
+                    "(what save_pretrained writes), or set model.gguf_file to a GGUF file inside it"]
+        return []
+    if path.exists():
+        return [f"{field}: {name!r} is a file; expected a directory (for a GGUF file: its directory here and its "
+                "name in model.gguf_file)"]
+    # Hub ids are 'name' or 'owner/name'; anything else (./x, /x, ~/x, a/b/c) is a local path.
+    if looks_like_local_path(name) or name.count("/") > 1:
+        return [f"{field}: directory {name!r} does not exist; expected a local model directory or a hub name"]
+    return []
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Saving
 
@@ -436,17 +545,11 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError([f"deepspeed: cannot read {str(path)!r} (relative paths are relative to the "
                            f"current directory): {error.strerror}"]) from error
     duplicates: list[str] = []
-
-    def pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [key for key, _ in pairs]
-        duplicates.extend(sorted({key for key in keys if keys.count(key) > 1}))
-        return dict(pairs)
-
     try:
-        ds = json.loads(text, object_pairs_hook=pairs_to_dict)
+        ds = json.loads(text, object_pairs_hook=_dict_noting_duplicates(duplicates))
     except json.JSONDecodeError as error:
         raise ConfigError([f"deepspeed: cannot parse {str(path)!r} as JSON: {error}"]) from error
-    errors = [f"deepspeed: key {key!r} appears more than once in {str(path)!r}" for key in duplicates]
+    errors = [f"deepspeed: key {key} appears more than once in {str(path)!r}" for key in duplicates]
     if not isinstance(ds, dict):
         errors.append(f"deepspeed: {str(path)!r} must hold a JSON object, got {type(ds).__name__}")
     if errors:
@@ -474,6 +577,8 @@ def check_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int |
             guess = _nearest(key, DEEPSPEED_TOP_LEVEL_KEYS)
             hint = f" — did you mean {guess!r}?" if guess else " (DeepSpeed does not read it)"
             errors.append(f"deepspeed: unknown top-level key {key!r}{hint}")
+    errors += [f"deepspeed.{key}: remove it; the trainer uses torch.optim.AdamW with the schedule.* settings"
+               for key in (ds_constants.OPTIMIZER, ds_constants.SCHEDULER) if key in ds]
     errors += _schedule_errors(ds, run, world_size)
     errors += _dtype_errors(ds, run)
     errors += _zero_errors(ds)
@@ -553,7 +658,28 @@ def _zero_errors(ds: dict[str, Any]) -> list[str]:
     if "stage" in zero and (not _is_int(zero["stage"]) or not 0 <= zero["stage"] <= 3):
         return [f"deepspeed.{ZERO_OPTIMIZATION}.stage: {zero['stage']!r} is not allowed; "
                 "expected 0, 1, 2 or 3"]
+    try:
+        DeepSpeedZeroConfig(**zero)  # DeepSpeed's own model of the section: unknown keys, types, ranges
+    except pydantic.ValidationError as error:
+        return [_zero_field_error(problem) for problem in error.errors()]
     return []
+
+
+def _zero_field_error(problem: dict[str, Any]) -> str:
+    """One pydantic problem of the zero_optimization section as one line naming the key."""
+    where = ".".join(str(part) for part in problem["loc"])
+    if problem["type"] == "extra_forbidden":
+        known = DeepSpeedZeroConfig.model_fields
+        for part in problem["loc"][:-1]:  # a nested section such as offload_optimizer
+            annotation = known[part].annotation if part in known else None
+            known = getattr(next((a for a in typing.get_args(annotation) if hasattr(a, "model_fields")),
+                                 annotation), "model_fields", {})
+        spellings = [name for key, field in known.items() for name in (field.alias, key) if name]
+        guess = _nearest(str(problem["loc"][-1]), spellings)
+        hint = f" — did you mean {guess!r}?" if guess else " (DeepSpeed does not read it)"
+        return f"deepspeed.{ZERO_OPTIMIZATION}: unknown key {where!r}{hint}"
+    return (f"deepspeed.{ZERO_OPTIMIZATION}.{where}: {problem.get('input')!r} is not allowed "
+            f"({problem['msg']})")
 
 
 def _is_int(value: Any) -> bool:

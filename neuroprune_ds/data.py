@@ -96,7 +96,7 @@ def load_raw_dataset(spec: str, dataset_config: str | None = None, *, default_sp
         return _load_files(_builder_for(path), [path])
     if path.is_dir():
         return _load_directory(path, default_split)
-    if _looks_like_path(spec):
+    if looks_like_local_path(spec):
         raise ValueError(f"data file or directory {spec!r} does not exist")
     name, _, split = spec.partition(":")
     try:
@@ -109,7 +109,8 @@ def load_raw_dataset(spec: str, dataset_config: str | None = None, *, default_sp
         ) from err
 
 
-def _looks_like_path(spec: str) -> bool:
+def looks_like_local_path(spec: str) -> bool:
+    """Whether ``spec`` is spelled like a local path (./x, /x, ~/x, or a data-file suffix), not a hub name."""
     return spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in _BUILDER_BY_SUFFIX
 
 
@@ -154,8 +155,10 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
         kwargs["gguf_file"] = model.gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except OSError as err:
-        raise OSError(f"cannot load the tokenizer from {source!r} (model.tokenizer / model.name_or_path): {err}") from err
+    except (OSError, ValueError) as err:
+        message = (f"cannot load the tokenizer from {source!r} (model.tokenizer / model.name_or_path): "
+                   + " ".join(str(err).split()))
+        raise (OSError if isinstance(err, OSError) else ValueError)(message) from err
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:

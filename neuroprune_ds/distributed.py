@@ -29,6 +29,9 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
 #: run ``scontrol requeue`` when the job step exits with it).
 EXIT_REQUEUE = 85
 
+#: Exit status of an input the user must fix (a config, a path, data): ``train``, ``validate`` and ``convert``.
+EXIT_INVALID = 2
+
 # MASTER_PORT derived from the job id stays below Linux's default ephemeral range (32768-60999), where an
 # outgoing connection could already hold it.
 _PORT_BASE = 15000

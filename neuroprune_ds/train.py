@@ -14,6 +14,7 @@ import argparse
 import ast
 import copy
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -21,7 +22,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -40,17 +41,20 @@ from transformers import (
 )
 
 from neuroprune_ds import config as config_module
-from neuroprune_ds.checkpoint import CheckpointError, CheckpointManager, Interrupted, NonFiniteError, restore_window
+from neuroprune_ds.checkpoint import (CheckpointError, CheckpointManager, Interrupted, NonFiniteError, output_dir_errors,
+                                     restore_window)
 from neuroprune_ds.config import RunConfig
 from neuroprune_ds.config_loader import (
     ConfigError,
     check_deepspeed_config,
+    check_paths,
     load_config,
     load_deepspeed_config,
     save_config,
+    warmup_errors,
 )
 from neuroprune_ds.data import ShardedBatchLoader, TaskData, build_task_data, load_tokenizer, uses_text_to_text
-from neuroprune_ds.distributed import EXIT_REQUEUE, barrier_and_exit, setup_distributed_env
+from neuroprune_ds.distributed import EXIT_INVALID, EXIT_REQUEUE, barrier_and_exit, setup_distributed_env
 from neuroprune_ds.evaluation import evaluate
 from neuroprune_ds.logging_utils import MetricsLogger
 
@@ -146,6 +150,7 @@ def setup(args: argparse.Namespace) -> Session:
     run = load_config(args.config, args.overrides)
     if args.deepspeed:
         run.deepspeed = args.deepspeed
+    _raise_if(check_paths(run))
     rank, world_size = init_distributed()
     quiet_other_ranks(rank)
     transformers.set_seed(run.schedule.seed)
@@ -153,8 +158,9 @@ def setup(args: argparse.Namespace) -> Session:
     timings["setup/distributed_s"] = time.perf_counter() - started
 
     tokenizer = load_tokenizer(run.model)
-    # Only classification depends on the model type; reading a config costs ~13 s from a GGUF file.
-    text_to_text = run.task == "classification" and uses_text_to_text(run.task, load_model_config(run).model_type)
+    model_config = functools.cache(lambda: load_model_config(run))  # ~13 s from a GGUF file: only when needed
+    _raise_if(run_errors(run, ds_config, model_config))
+    text_to_text = run.task == "classification" and uses_text_to_text(run.task, model_config().model_type)
     with main_rank_first(rank, world_size):
         data = build_task_data(run, tokenizer, text_to_text=text_to_text)
     loader = ShardedBatchLoader(
@@ -163,6 +169,7 @@ def setup(args: argparse.Namespace) -> Session:
     )
     steps_per_epoch = len(loader) // run.schedule.gradient_accumulation_steps
     total_steps = run.schedule.max_steps or run.schedule.epochs * steps_per_epoch
+    _raise_if(warmup_errors(run.schedule, total_steps))
     timings["setup/data_s"] = time.perf_counter() - started - sum(timings.values())
 
     engine = build_engine(run, tokenizer, ds_config, total_steps=total_steps, text_to_text=text_to_text)
@@ -185,12 +192,34 @@ def setup(args: argparse.Namespace) -> Session:
     )
 
 
+def run_errors(run: RunConfig, ds_config: dict[str, Any], model_config: Callable[[], Any]) -> list[str]:
+    """Checks of the run against its model and output_dir, before anything is loaded or written (what
+    ``neuroprune validate`` checks too).
+
+    Args:
+        run: the validated run configuration.
+        ds_config: its DeepSpeed config.
+        model_config: returns the model's HF config; called only by checks that need it.
+    """
+    errors = []
+    if run.task == "seq2seq" and not model_config().is_encoder_decoder:
+        errors.append(f"task: 'seq2seq' needs an encoder-decoder model (T5, BART); {run.model.name_or_path!r} is "
+                      f"a decoder-only {model_config().model_type!r}: use task: causal_lm for it")
+    zero = ds_config.get("zero_optimization", {})
+    load_universal = bool(ds_config.get("checkpoint", {}).get("load_universal", False))
+    return errors + output_dir_errors(run, zero_stage=zero.get("stage", 0), load_universal=load_universal,
+                                      read_model_config=model_config)
+
+
+def _raise_if(errors: list[str]) -> None:
+    if errors:
+        raise ConfigError(errors)
+
+
 def prepare_deepspeed_config(run: RunConfig, world_size: int) -> dict[str, Any]:
     """Read ``run.deepspeed``, cross-check it against the run, and fill in what the trainer decides."""
     ds_config = load_deepspeed_config(run.deepspeed)
-    errors = check_deepspeed_config(ds_config, run, world_size)
-    if errors:
-        raise ConfigError(errors)
+    _raise_if(check_deepspeed_config(ds_config, run, world_size))
     return fill_deepspeed_config(ds_config, run, world_size)
 
 
@@ -257,21 +286,10 @@ class main_rank_first:
 def fill_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int) -> dict[str, Any]:
     """Complete a DeepSpeed config from the run: batch sizes, clipping and bf16 given as "auto" or absent.
 
-    The optimizer and LR schedule are the trainer's (torch AdamW, ``schedule.*``), so the JSON may not
-    define its own. Batch-size and dtype disagreements are reported by ``check_deepspeed_config`` first.
-
-    Raises:
-        ConfigError: the JSON defines an optimizer or scheduler, or its gradient_clipping disagrees.
+    The optimizer and LR schedule are the trainer's (torch AdamW, ``schedule.*``). A JSON that defines its
+    own, or disagrees on batch sizes, clipping or dtype, is refused by ``check_deepspeed_config`` first.
     """
     ds = copy.deepcopy(ds)
-    errors = [f"deepspeed.{key}: remove it; the trainer uses torch.optim.AdamW with the schedule.* settings"
-              for key in ("optimizer", "scheduler") if key in ds]
-    clip = ds.get("gradient_clipping", "auto")
-    if clip != "auto" and clip != run.schedule.grad_clip:
-        errors.append(f"deepspeed.gradient_clipping: {clip!r} disagrees with schedule.grad_clip = "
-                      f"{run.schedule.grad_clip}; set it to \"auto\" or remove it")
-    if errors:
-        raise ConfigError(errors)
     schedule = run.schedule
     ds["train_micro_batch_size_per_gpu"] = schedule.micro_batch_size
     ds["gradient_accumulation_steps"] = schedule.gradient_accumulation_steps
@@ -471,15 +489,24 @@ def evaluate_and_log(session: Session, step: int, should_stop=None) -> dict[str,
 # ------------------------------------------------------------------------------------------------- entry
 
 
+DEBUG_ENV = "NEUROPRUNE_DEBUG"
+
+
 def run_training(args: argparse.Namespace) -> int:
-    """Set up, train and close the logger; returns the exit status (2 for configuration errors)."""
+    """Set up, train and close the logger; returns the exit status (:data:`EXIT_INVALID` for user errors).
+
+    An error of set-up that the user must fix (ValueError: config, data, checkpoint choice; OSError: a path)
+    is printed as one line; ``NEUROPRUNE_DEBUG=1`` adds the traceback.
+    """
     try:
         session = setup(args)
         checkpoints = CheckpointManager(session)
         resumed = checkpoints.resume()
-    except (ConfigError, CheckpointError) as err:
-        print(f"{args.config}: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, CheckpointError) as err:
+        if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+            traceback.print_exc()
+        print(f"{args.config}: {_user_message(err)}", file=sys.stderr)
+        return EXIT_INVALID
     checkpoints.preemption.install()
     try:
         metrics = train(session, checkpoints, resumed)
@@ -490,6 +517,12 @@ def run_training(args: argparse.Namespace) -> int:
         checkpoints.preemption.uninstall()
         session.logger.close()
     return 0 if metrics is not None else EXIT_REQUEUE
+
+
+def _user_message(err: Exception) -> str:
+    if isinstance(err, (ConfigError, CheckpointError)):
+        return str(err)
+    return f"error: {' '.join(str(err).split())} ({DEBUG_ENV}=1 shows the traceback)"
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -507,7 +540,8 @@ def run_and_exit(args: argparse.Namespace) -> NoReturn:
     except Exception:  # noqa: BLE001 - reported, then the process exits non-zero
         traceback.print_exc()
         barrier_and_exit(1, barrier=False)  # the other ranks may be stuck in a collective
-    barrier_and_exit(code)
+    # A rank that refused its input must not wait for ranks that may be stuck in a collective.
+    barrier_and_exit(code, barrier=code != EXIT_INVALID)
 
 
 if __name__ == "__main__":

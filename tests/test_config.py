@@ -391,6 +391,10 @@ def test_cli_validate_names_the_nearest_key_and_exits_non_zero(run_dir):
 
 def test_cli_validate_resolves_a_meta_model(run_dir):
     import transformers  # imported here: only this test needs it, and it is slow to import
+    from synthetic_text import save_word_tokenizer
+
+    save_word_tokenizer(run_dir / "tiny")
+    (run_dir / "train.txt").write_text("some text\n")
     transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2).save_pretrained(run_dir / "tiny")
     result = neuroprune("validate", "run.yaml", "--deepspeed", "ds.json", "neuroprune.mlp_lambda=1e-4",

@@ -12,7 +12,8 @@ from neuroprune_ds import config as config_module
 from neuroprune_ds.config import ModelConfig, RunConfig, ScheduleConfig
 from neuroprune_ds.config_loader import ConfigError
 from neuroprune_ds.logging_utils import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, heads_kept_figure
-from neuroprune_ds.train import build_optimizer, config_reference, fill_deepspeed_config, parse_args
+from neuroprune_ds.train import (build_optimizer, config_reference, fill_deepspeed_config, parse_args,
+                                 prepare_deepspeed_config)
 
 
 def _leaf_paths(cls, prefix=""):
@@ -57,11 +58,16 @@ def test_fill_deepspeed_config_completes_auto_fields_from_the_schedule():
     assert "zero_force_ds_cpu_optimizer" not in fill_deepspeed_config({"zero_optimization": {"stage": 2}}, _run(), 1)
 
 
-def test_fill_deepspeed_config_rejects_optimizer_scheduler_and_other_clipping():
-    ds = {"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}, "gradient_clipping": 2.0}
+def test_prepared_deepspeed_config_refuses_optimizer_scheduler_and_other_clipping(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"},
+                                "gradient_clipping": 2.0, "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 1}}))
+    run = _run(grad_clip=1.0)
+    run.deepspeed = str(path)
     with pytest.raises(ConfigError) as error:
-        fill_deepspeed_config(ds, _run(grad_clip=1.0), 1)
+        prepare_deepspeed_config(run, 1)
     assert len(error.value.errors) == 3
+    assert "deepspeed.optimizer: remove it; the trainer uses torch.optim.AdamW" in str(error.value)
     assert "deepspeed.gradient_clipping: 2.0 disagrees with schedule.grad_clip = 1.0" in str(error.value)
 
 
