@@ -5,7 +5,7 @@
 #   NEUROPRUNE_NPROC   ranks to start                                   [2]
 #   MASTER_PORT        rendezvous port                                  [a free port]
 #   (and the knobs of launch/_common.sh: NEUROPRUNE_ENTRY, NEUROPRUNE_PYTHON, OMP_NUM_THREADS, ...)
-# Example: launch/local.sh run.yaml ds_configs/zero2_bf16.json train.max_steps=20
+# Example: launch/local.sh run.yaml ds_configs/zero2_bf16.json schedule.max_steps=20
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/_common.sh"

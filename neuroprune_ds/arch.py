@@ -186,7 +186,8 @@ def resolve_architecture(model: torch.nn.Module, config: NeuroPruneConfig | None
         The selected blocks, in module order.
 
     Raises:
-        ValueError: unknown model_type, a target or exclude pattern that matches no block, or an
+        ValueError: unknown model_type, a target or exclude pattern that matches no block, patterns that
+            leave no block while NeuroPrune is enabled, or an
             attention block whose shapes disagree with the config.
     """
     config = config or NeuroPruneConfig()
@@ -232,8 +233,13 @@ def _select(model_type, attention, ffn, config) -> ResolvedArchitecture:
             return False
         return not any(_matches(p, block.name) for p in config.exclude_modules)
 
-    return ResolvedArchitecture(model_type, tuple(b for b in attention if selected(b)),
+    kept = ResolvedArchitecture(model_type, tuple(b for b in attention if selected(b)),
                                 tuple(b for b in ffn if selected(b)))
+    if config.enabled and not kept.attention and not kept.ffn:
+        raise ValueError(f"neuroprune.target_modules={config.target_modules!r} with neuroprune.exclude_modules="
+                         f"{config.exclude_modules!r} leave no attention/FFN block to prune; select at least one, "
+                         "or set neuroprune.enabled=false for plain fine-tuning")
+    return kept
 
 
 def _matches(pattern: str, name: str) -> bool:

@@ -17,6 +17,7 @@ the same permutation and takes its own interleaved share, as ``torch.utils.data.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow.compute
 import torch
 from transformers import (
     AutoTokenizer,
@@ -125,9 +127,45 @@ def _builder_for(path: Path) -> str:
 
 
 def _load_files(builder: str, files: list[Path]):
+    for file in files:
+        if file.stat().st_size == 0:
+            raise ValueError(f"data file {str(file)!r} is empty")
     # Plain text keeps its line breaks so packed causal-LM blocks read like the source.
     extra = {"keep_linebreaks": True} if builder == "text" else {}
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **extra)
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **extra)
+    except (datasets.exceptions.DatasetGenerationError, StopIteration) as err:
+        cause = err.__cause__ or err
+        for file in files:
+            problem = _file_problem(file, builder)
+            if problem:
+                raise ValueError(f"data file {str(file)!r}: {problem}") from err
+        raise ValueError(f"cannot load data files {[str(f) for f in files]}: {type(cause).__name__}: "
+                         + " ".join(str(cause).split())) from err
+
+
+def _file_problem(file: Path, builder: str) -> str | None:
+    """Why ``datasets`` could not read ``file``: not UTF-8, or (JSON lines) the first line that is not JSON."""
+    if builder not in ("text", "json", "csv"):
+        return None
+    line_number = 0
+    with open(file, "rb") as f:
+        for line_number, line in enumerate(f, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"line {line_number} is not UTF-8 text (byte {line[err.start]:#04x}); re-encode the file"
+            if builder == "json" and text.strip() and not text.lstrip().startswith("["):
+                try:
+                    json.loads(text.rstrip("\r\n"))
+                except json.JSONDecodeError as err:
+                    return f"line {line_number} is not a JSON object ({err.msg}, column {err.colno})"
+    if builder == "json" and line_number and file.read_bytes().lstrip().startswith(b"["):
+        try:
+            json.loads(file.read_text())
+        except json.JSONDecodeError as err:
+            return f"not valid JSON ({err.msg}, line {err.lineno} column {err.colno})"
+    return None
 
 
 def _load_directory(path: Path, split: str):
@@ -258,6 +296,11 @@ def _require_columns(raw, columns: list[str], field_name: str) -> None:
                 f"{field_name} has no column {column!r} (columns: {raw.column_names}){hint} "
                 f"Set the data.*_column fields to the dataset's column names."
             )
+        values = raw.data.column(column)
+        if values.null_count:
+            row = pyarrow.compute.index(pyarrow.compute.is_null(values), True).as_py()
+            raise ValueError(f"{field_name}: column {column!r} has {values.null_count} empty (null) value(s), the "
+                             f"first in row {row + 1}; fill or drop those rows")
 
 
 def _pack_causal(raw, tokenizer: PreTrainedTokenizerBase, data: DataConfig):

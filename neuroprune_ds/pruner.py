@@ -20,6 +20,7 @@ Usage::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -187,8 +188,10 @@ class NeuroPruner:
             self._signs_before_step = {name: torch.sign(self.access.working(self.params[name])[0]).to(torch.int8)
                                        for name in self._penalised_names()}
 
-    def after_step(self) -> None:
-        """Keep pruned weights exactly zero and run step-scheduled head pruning; call after every ``engine.step``."""
+    def after_step(self, should_stop: Callable[[], bool] | None = None) -> None:
+        """Keep pruned weights exactly zero and run step-scheduled head pruning; call after every ``engine.step``.
+
+        ``should_stop`` is passed to :meth:`prune_heads`."""
         if not self._boundary_pending:
             return
         self._boundary_pending = False
@@ -199,13 +202,13 @@ class NeuroPruner:
         self._mask(grads=False)
         every = self.config.prune_every_steps
         if every and self.optimizer_steps % every == 0 and self.optimizer_steps >= self.config.prune_start_step:
-            self.prune_heads()
+            self.prune_heads(should_stop)
 
-    def on_epoch_end(self) -> None:
+    def on_epoch_end(self, should_stop: Callable[[], bool] | None = None) -> None:
         """Head pruning at an epoch end (the paper's schedule, used when ``prune_every_steps`` is 0)."""
         started = self.optimizer_steps >= self.config.prune_start_step
         if self.config.enabled and self.config.prune_every_steps == 0 and started:
-            self.prune_heads()
+            self.prune_heads(should_stop)
 
     # -- statistics ------------------------------------------------------------------------------------
     def statistics(self) -> dict[str, GroupStats]:
@@ -281,8 +284,13 @@ class NeuroPruner:
                     self.access.edit_weights(self.params[name], zero, moments=True)
 
     # -- head pruning ----------------------------------------------------------------------------------
-    def prune_heads(self) -> dict[str, dict[int, int]]:
+    def prune_heads(self, should_stop: Callable[[], bool] | None = None) -> dict[str, dict[int, int]]:
         """Redundant-head pruning on every attention block, one block's gathered weights at a time.
+
+        Args:
+            should_stop: asked before each block (collective: every rank asks at the same blocks, e.g. the
+                agreed preemption flag); when it returns True the pass ends there. The blocks done stay
+                pruned; the others are pruned at the next scheduled pass.
 
         Returns:
             Per block, the units pruned now and the unit that absorbed each (identical on every rank).
@@ -291,6 +299,8 @@ class NeuroPruner:
             return {}
         changes = {}
         for block in self.arch.attention:
+            if should_stop is not None and should_stop():
+                break
             q, k, v = (self.access.full_fp32(self.params[lin.weight]) for lin in (block.q, block.k, block.v))
             decision = decide_redundant_units(q, k, v, _layout(block), self.alive[block.name], self.config.theta)
             del q, k, v

@@ -41,8 +41,8 @@ from transformers import (
 )
 
 from neuroprune_ds import config as config_module
-from neuroprune_ds.checkpoint import (CheckpointError, CheckpointManager, Interrupted, NonFiniteError, output_dir_errors,
-                                     restore_window)
+from neuroprune_ds.checkpoint import (CheckpointError, CheckpointManager, Interrupted, NonFiniteError,
+                                     output_dir_errors, restore_window)
 from neuroprune_ds.config import RunConfig
 from neuroprune_ds.config_loader import (
     ConfigError,
@@ -379,14 +379,14 @@ def train(session: Session, checkpoints: CheckpointManager, resumed=None) -> dic
             engine.step()
             checkpoints.guard.after_step()
             if pruner is not None:
-                pruner.after_step()
+                pruner.after_step(should_stop=checkpoints.preemption.agreed)
             window.add(loss.item(), _count_tokens(batch))
             if engine.global_steps == step_before:
                 continue
             step = engine.global_steps
             progress.update(1)
             if loader.batch_index == len(loader) and pruner is not None:
-                pruner.on_epoch_end()
+                pruner.on_epoch_end(should_stop=checkpoints.preemption.agreed)
             if step % schedule.log_every_steps == 0 or step == session.total_steps:
                 metrics = log_train_step(session, window, step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")

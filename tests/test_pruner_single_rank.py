@@ -100,3 +100,37 @@ def test_why_stop_at_zero_adam_parks_a_penalised_weight_only_with_it(stop_at_zer
             optimizer.state[weight]["exp_avg"].masked_fill_(crossed, 0)
     below = float((weight.detach().abs() < 1e-4).float().mean())
     assert low <= below <= high, below
+
+
+@pytest.mark.dist
+def test_head_pruning_stopped_between_blocks_keeps_the_done_blocks_and_finishes_at_the_next_pass():
+    """A preemption between blocks ends the pass there: the blocks before it are pruned (masks and weights),
+    the rest untouched; the next pass prunes those, giving what one uninterrupted pass gives."""
+    import deepspeed
+
+    init_single_rank()
+    engines = []
+    for _ in range(2):
+        model = equivalence_model("llama")
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                          config={"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9,
+                                                  "zero_optimization": {"stage": 0}})
+        engines.append((engine, NeuroPruner(engine, NeuroPruneConfig(theta=0.2))))
+    (reference, whole), (engine, cut) = engines
+    expected = whole.prune_heads()
+    blocks = [block.name for block in cut.arch.attention]
+    assert len(blocks) >= 2 and set(expected) == set(blocks), "every block has planted redundant heads"
+
+    asked = []
+    changes = cut.prune_heads(should_stop=lambda: asked.append(1) or len(asked) > 1)
+    assert len(asked) == 2 and list(changes) == blocks[:1]
+    assert changes[blocks[0]] == expected[blocks[0]]
+    assert all(bool(cut.alive[name].all()) for name in blocks[1:])
+    assert torch.equal(cut.alive[blocks[0]], whole.alive[blocks[0]])
+
+    assert cut.prune_heads() == {name: expected[name] for name in blocks[1:]}
+    assert all(torch.equal(cut.alive[name], whole.alive[name]) for name in blocks)
+    for (name, param), ref in zip(engine.module.named_parameters(), reference.module.parameters()):
+        torch.testing.assert_close(param, ref, rtol=0, atol=0, msg=name)
+    for e, _ in engines:
+        e.destroy()

@@ -61,7 +61,8 @@ def test_fill_deepspeed_config_completes_auto_fields_from_the_schedule():
 def test_prepared_deepspeed_config_refuses_optimizer_scheduler_and_other_clipping(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"},
-                                "gradient_clipping": 2.0, "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 1}}))
+                                "gradient_clipping": 2.0, "bf16": {"enabled": "auto"},
+                                "zero_optimization": {"stage": 1}}))
     run = _run(grad_clip=1.0)
     run.deepspeed = str(path)
     with pytest.raises(ConfigError) as error:
