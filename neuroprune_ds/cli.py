@@ -139,7 +139,7 @@ def _check_model(run: RunConfig, ds: dict, errors: list[str]) -> str | None:
         model = build_meta_model(run, model_config)
         arch = resolve_architecture(model, run.neuroprune)
     except (OSError, ValueError) as error:
-        errors += [f"model {run.model.name_or_path!r}: {line}" for line in str(error).splitlines()]
+        errors += str(error).splitlines()  # each line names its field (the same lines as train's set-up)
         return None
     return summarize_architecture(model, arch)
 

@@ -174,7 +174,11 @@ def _apply_override(raw: dict, override: str, errors: list[str]) -> None:
     *sections, leaf = key.split(".")
     for section in sections:
         if section not in _field_types(cls):
-            errors.append(_unknown_key_message(cls, prefix, section))
+            # 'train.max_steps': unless the section is a near miss, its leaf says best which field was meant.
+            homes = [path for path in _leaf_paths(RunConfig) if path.rpartition(".")[2] == leaf]
+            near_miss = _nearest(section, _field_types(cls)) is not None
+            errors.append(f"unknown key {key!r} — did you mean {homes[0]!r}?" if homes and not near_miss
+                          else _unknown_key_message(cls, prefix, section))
             return
         field_type = _field_types(cls)[section]
         if not dataclasses.is_dataclass(field_type):
