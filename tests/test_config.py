@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -434,3 +435,11 @@ def test_neuroprune_with_bf16_at_zero_stage_0_is_refused():
     assert not check_deepspeed_config({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}, run)
     run.neuroprune.enabled = True
     assert not check_deepspeed_config({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}, run)
+
+
+def test_the_launch_scripts_usage_examples_use_real_config_keys():
+    scripts = [REPO / "launch" / "local.sh", *sorted((REPO / "launch" / "slurm").glob("*.sbatch"))]
+    overrides = [word for script in scripts for line in script.read_text().splitlines()[:12]
+                 if line.startswith("# ") for word in line.split() if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+=\S+", word)]
+    assert "schedule.max_steps=20" in overrides
+    config_from_dict(VALID, overrides)  # raises on an unknown key
