@@ -5,7 +5,7 @@ list of runs ``{"name", "config", "deepspeed", "overrides", "faults"}``; each is
 trainer, so a launch pays the process start and imports once. Faults are injected from here, never from the
 package: ``signal_at`` (a real SIGUSR1/SIGTERM sent to one rank after an optimizer step, or during the
 evaluation at that step), ``kill_in_save`` (SIGKILL of one rank inside a save, after the others started
-writing), ``nan_grad_at`` (NaN in one rank's gradient shard at a step). Results (exit status, resume
+writing), ``signal_in_prune`` (a signal to one rank while head pruning is at its second block), ``nan_grad_at`` (NaN in one rank's gradient shard at a step). Results (exit status, resume
 details, pruner masks after resume) go to ``<plan dir>/result-<name>-rank<r>.json``.
 """
 
@@ -24,13 +24,14 @@ def main(plan_path: str) -> None:
     setup_distributed_env()
     import torch
 
-    from neuroprune_ds import checkpoint, train
+    from neuroprune_ds import checkpoint, pruner, train
 
     torch.set_num_threads(1)
     plan = json.loads(Path(plan_path).read_text())
     original = {name: getattr(checkpoint.CheckpointManager, name) for name in ("after_step", "save", "resume")}
     original_check = checkpoint.Preemption.check
     original_observe = checkpoint.FiniteGuard.observe
+    original_prune = pruner.NeuroPruner.prune_heads
     for run in plan:
         faults = run.get("faults", {})
         record: dict = {}
@@ -79,6 +80,23 @@ def main(plan_path: str) -> None:
                     self.access.edit_grad(param, lambda grad, piece: grad.fill_(float("nan")))
             return original_observe(self, loss)
 
+        def prune_heads(self, should_stop=None, faults=faults):
+            import torch.distributed as dist
+
+            sig, asked = faults.get("signal_in_prune"), []
+
+            def stop():  # the signal arrives while the pass is at its second block
+                if (sig and self.optimizer_steps == sig["step"] and dist.get_rank() == sig["rank"]
+                        and len(asked) == 1):
+                    os.kill(os.getpid(), getattr(signal, sig["signal"]))
+                asked.append(1)
+                return should_stop()
+
+            changes = original_prune(self, None if should_stop is None else stop)
+            record.setdefault("prune_passes", []).append([self.optimizer_steps, len(asked)])
+            return changes
+
+        pruner.NeuroPruner.prune_heads = prune_heads
         checkpoint.CheckpointManager.after_step = after_step
         checkpoint.CheckpointManager.save = save
         checkpoint.CheckpointManager.resume = resume

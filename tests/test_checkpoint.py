@@ -184,6 +184,9 @@ def test_sigkill_in_save_then_resume_eval_signal_nonfinite_and_keep_last(tmp_pat
         run_entry("eval_cut", write_run(tmp_path, assets, "evalcut", **base), ds,
                   signal_at={"step": 3, "rank": 1, "signal": "SIGTERM", "eval": True}),
         run_entry("eval_resume", tmp_path / "evalcut.yaml", ds),
+        run_entry("prune_cut", write_run(tmp_path, assets, "prunecut"), ds,
+                  signal_in_prune={"step": 2, "rank": 1, "signal": "SIGUSR1"}),
+        run_entry("prune_resume", tmp_path / "prunecut.yaml", ds),
         run_entry("nan_stop", write_run(tmp_path, assets, "nanstop", **nan), ds, nan_grad_at={"step": 3, "rank": 1}),
         run_entry("nan_skip", write_run(tmp_path, assets, "nanskip", **nan), ds, "checkpoint.on_nonfinite=skip",
                   nan_grad_at={"step": 3, "rank": 1}),
@@ -208,6 +211,16 @@ def test_sigkill_in_save_then_resume_eval_signal_nonfinite_and_keep_last(tmp_pat
     assert [(r["step"], r["eval/loss"]) for r in records(evalcut, "eval")] == \
         [(r["step"], r["eval/loss"]) for r in records(ref, "eval")]
     assert per_step(evalcut) == per_step(ref)
+
+    # A signal while head pruning is at its second block (step 2): the pass stops there on every rank, step 2 is
+    # checkpointed, and the resumed run prunes all blocks at its next pass (step 4) and finishes.
+    for rank in (0, 1):
+        assert results["prune_cut", rank]["code"] == 85 and results["prune_cut", rank]["prune_passes"] == [[2, 2]]
+        assert results["prune_resume", rank]["resumed_step"] == 2 and results["prune_resume", rank]["code"] == 0
+    blocks = len(results["prune_resume", 0]["alive_after_resume"])
+    assert results["prune_resume", 0]["prune_passes"] == [[4, blocks], [6, blocks]]  # asked before every block
+    assert results["prune_cut", 0]["saved"] == [[2, False]]
+    assert [r["step"] for r in records(tmp_path / "prunecut", "train")] == list(range(1, TOTAL + 1))
 
     # Non-finite gradients on rank 1 only at step 3: both ranks stop at step 3, nothing of it is saved ...
     assert [results["nan_stop", r]["code"] for r in (0, 1)] == [1, 1]
