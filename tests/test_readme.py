@@ -15,7 +15,8 @@ from neuroprune_ds.train import config_reference
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 DOCS = {path: path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
-# Pages and scripts the README links that other branches of the project add; drop an entry once it exists.
+# Pages and scripts the README links that other branches of the project add: a missing one is tolerated,
+# an existing one is checked like any other. Drop an entry once it exists.
 NOT_YET_MERGED = {"docs/gpu.md", "docs/errors.md", "docs/memory.md", "docs/export.md", "tools/gpu_check.sh"}
 
 
@@ -39,7 +40,8 @@ def test_config_reference_is_generated_from_the_dataclass_docstrings():
 
 def test_first_screen_gives_the_two_make_targets_that_exist():
     first_screen = "\n".join(README.splitlines()[:15])
-    assert "make demo" in first_screen and "make test" in first_screen
+    first_block = _fenced_blocks(first_screen, "bash")[0]
+    assert [line.split("#")[0].strip() for line in first_block.splitlines()] == ["make demo", "make test"]
     makefile = (ROOT / "Makefile").read_text()
     for target in ("demo", "test"):
         assert re.search(rf"^{target}:", makefile, re.M), target
@@ -47,8 +49,9 @@ def test_first_screen_gives_the_two_make_targets_that_exist():
 
 def test_readme_has_the_sections_a_user_needs_and_stays_short():
     headings = re.findall(r"^## (.+)$", README, re.M)
+    # "Adding an architecture" is named by neuroprune_ds/arch.py's error for an unknown model_type.
     for needed in ("What it does", "Your own DeepSpeed loop", "A training run: config and launchers",
-                   "Export to Hugging Face", "Resuming and preemption", "Tests"):
+                   "Export to Hugging Face", "Resuming and preemption", "Adding an architecture", "Tests"):
         assert needed in headings, (needed, headings)
     assert len(README.splitlines()) <= 260, "move detail into docs/ and link it"
 
@@ -64,7 +67,7 @@ def test_relative_links_reach_a_file_and_heading_of_the_repository(page):
             continue
         path, _, anchor = target.partition("#")
         file = (page.parent / path).resolve() if path else page
-        if file.relative_to(ROOT).as_posix() in NOT_YET_MERGED:
+        if file.relative_to(ROOT).as_posix() in NOT_YET_MERGED and not file.exists():
             continue
         assert file.exists(), f"{page.name}: link to missing {target}"
         if anchor:
@@ -75,7 +78,7 @@ def test_relative_links_reach_a_file_and_heading_of_the_repository(page):
 @pytest.mark.parametrize("page", sorted(DOCS), ids=lambda p: str(p.relative_to(ROOT)))
 def test_repository_paths_named_in_the_docs_exist(page):
     for path in re.findall(r"`((?:neuroprune_ds|tools|launch|tests|ds_configs|docs)/[\w./*-]*\w)", DOCS[page]):
-        if path not in NOT_YET_MERGED:
+        if path not in NOT_YET_MERGED or (ROOT / path).exists():
             assert list(ROOT.glob(path)), f"{page.name} names {path}, which does not exist"
 
 
