@@ -1,7 +1,7 @@
 """Typed configuration for NeuroPrune and for a training run.
 
-Every field carries its default and a docstring (the string literal right below it); the README's config
-reference is generated from these docstrings. Loading, overrides and validation live in
+Every field carries its default and a docstring (the string literal right below it); the configuration
+reference docs/config.md is generated from these docstrings. Loading, overrides and validation live in
 :mod:`neuroprune_ds.config_loader`.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass(kw_only=True, slots=True)
 class NeuroPruneConfig:
-    """The NeuroPrune algorithm (see the README's algorithm section and ALGORITHM.md)."""
+    """The NeuroPrune algorithm; docs/algorithm.md gives each field's place in it and why its default."""
 
     enabled: bool = True
     """Switch NeuroPrune on; false gives plain fine-tuning with the same loop (the dense baseline)."""
@@ -60,7 +60,9 @@ class NeuroPruneConfig:
     target_ramp_steps: int = 100
     """The controller's target rises from 0 to target_sparsity over this many optimizer steps (cubic)."""
     controller_gain: float = 2.0
-    """Per optimizer step, log(lambda scale) moves by gain * (target now - measured sparsity)."""
+    """Gain of the controller's integral term, which adds to log(lambda scale) and moves by gain * (target
+    now - sparsity predicted 30 steps ahead) per optimizer step, bounded to [-3, 3]; the main term is a
+    quantile of |task gradient| / (lambda * group factor) (docs/algorithm.md section 6)."""
     target_modules: list[str] | None = None
     """Attention/FFN blocks to include (module paths; an entry matches a path equal to it, ending in
     '.'+entry, or fully matching it as a regular expression). None: every block of the architecture."""

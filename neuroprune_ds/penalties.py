@@ -10,7 +10,7 @@ rank holds) so that per-group statistics of the slices of all ranks add up to th
 The penalty weights and group scales are then computed from the summed statistics, identically on every
 rank, and the gradient of each local element needs only its own group's value. Nothing here communicates.
 
-Formulas (HF layout; see ALGORITHM.md):
+Formulas (HF layout; see docs/algorithm.md sections 1 and 2):
 - degree weight of group i: omega_i = 1 / max(c_i, c_min), c_i = #{|w| >= epsilon} / #connections.
 - R_MLP = sum_i omega_i * ||group_i||_1, gradient omega_i * sign(w) (omega held constant).
 - R_att = sum_i (sqrt(g_i + delta) - sqrt(delta)), g_i = ||group_i||_1, gradient 0.5 (g_i + delta)^-1/2
@@ -48,9 +48,6 @@ class GroupStats:
     l1: torch.Tensor
     nonzero: torch.Tensor
     connections: int
-
-    def plus(self, other: GroupStats) -> GroupStats:
-        return GroupStats(self.l1 + other.l1, self.nonzero + other.nonzero, self.connections)
 
 
 def group_stats(members: list[GroupMember], epsilon: float) -> GroupStats:

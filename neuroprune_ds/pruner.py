@@ -54,7 +54,7 @@ def _layout(block: AttentionBlock) -> UnitLayout:
 
 
 def build_group_sets(arch, mlp_groups: str) -> list[GroupSet]:
-    """The group sets of a resolved architecture (see ALGORITHM.md sections 1 and 2)."""
+    """The group sets of a resolved architecture (see docs/algorithm.md sections 1 and 2)."""
     sets = []
     for block in arch.ffn:
         inputs = tuple((linear.weight, ROW) for linear in block.inputs)
@@ -399,7 +399,7 @@ class NeuroPruner:
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Masks and schedule position (the degree weights are recomputed from the weights)."""
+        """Masks, schedule position, controller state, and the last degree weights and penalty factors."""
         return {"alive": {name: mask.clone() for name, mask in self.alive.items()},
                 "optimizer_steps": self.optimizer_steps,
                 "lambda_multiplier": self.lambda_multiplier,

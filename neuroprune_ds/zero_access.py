@@ -44,7 +44,6 @@ class ZeroAccess:
         self._optimizer_keys: list[str] = []
         self.stage = engine.zero_optimization_stage()
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
         for name, param in engine.module.named_parameters():
             hidden_master = param.dtype != torch.float32 and not self.is_partitioned(param)
             if param.requires_grad and hidden_master:

@@ -85,7 +85,7 @@ def test_a_step_across_zero_lands_on_exactly_zero(stop_at_zero):
 @pytest.mark.parametrize("stop_at_zero, low, high", [(False, 0.0, 0.4), (True, 0.8, 1.0)])
 def test_why_stop_at_zero_adam_parks_a_penalised_weight_only_with_it(stop_at_zero, low, high):
     """Real torch Adam at lr 2e-3 on 10k weights whose L1 subgradient is three times their gradient noise:
-    without the clamp they oscillate around 0 and few sit below epsilon (README: 22%); with it most do (90%)."""
+    without the clamp they oscillate around 0 and few sit below epsilon (docs/algorithm.md section 5: 22%); with it most do (90%)."""
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.rand(10_000) * 0.05)
     optimizer = torch.optim.Adam([weight], lr=2e-3)

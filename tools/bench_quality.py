@@ -19,7 +19,7 @@ It also records the paper's qualitative claims: the spread (std-dev) of FFN unit
 (inputs with |w| >= epsilon) for every method, and the heads NeuroPrune keeps per layer with the smallest
 l_inf distance between two heads of a layer (theta must exceed it for a head to go).
 
-Writes ``<out>/<part>/results.json``, ``<out>/results.md`` (the README tables) and ``<out>/<part>.png``.
+Writes ``<out>/<part>/results.json``, ``<out>/results.md`` (the tables of docs/benchmarks.md) and ``<out>/<part>.png``.
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@
 #   tools/local_slurm.sh status                 exit 0 and print `sinfo` if running, exit 3 if not
 #   tools/local_slurm.sh env                    print `export SLURM_CONF=...` for `eval`
 #
-# Layout (see ../shared/notes/slurm.md for why): one network namespace "<name>-ctl" holds a bridge and
-# slurmctld; every node gets its own network namespace "<name>-nodeN" joined to the bridge by a veth pair,
-# its own hostname (nodeN) and address, and its own slurmd. A veth from the host namespace into the bridge
-# lets sbatch/sinfo/srun on the host reach the cluster. Namespaces are entered with
+# Layout: one network namespace "<name>-ctl" holds a bridge and slurmctld; every node gets its own network
+# namespace "<name>-nodeN" joined to the bridge by a veth pair, its own hostname (nodeN) and address, and its
+# own slurmd. Namespaces rather than several slurmd on 127.0.0.1: each node has its own hostname and address,
+# as on a real cluster, so the node list and the rendezvous address resolve as they do there. A veth from the
+# host namespace into the bridge lets sbatch/sinfo/srun on the host reach the cluster. Namespaces are entered with
 # `nsenter --net=... unshare --uts --mount`, never `ip netns exec` (that remounts /sys, hides the cgroup
 # mount, and slurmd refuses to start). One munged on the host serves every namespace (unix socket).
 # Nodes have no route to the outside world: jobs must not need the network (set HF_HUB_OFFLINE=1).

@@ -228,7 +228,7 @@ def compact_shape(name: str, shape: torch.Size, selections: Mapping[str, tuple[i
 def sparsity(arch: ResolvedArchitecture, params: Mapping[str, torch.Tensor], plan: ExportPlan,
              epsilon: float) -> dict[str, float]:
     """Weight sparsity (|w| < epsilon) and structural sparsity (what the compact export removes) of the
-    penalised matrices of ``arch`` (ALGORITHM.md section 5)."""
+    penalised matrices of ``arch`` (docs/algorithm.md section 7)."""
     names = penalised_weights(arch)
     selections = plan.selections()
     total = sum(params[n].numel() for n in names)

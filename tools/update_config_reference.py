@@ -1,7 +1,7 @@
-"""Regenerate the README's configuration reference from the config dataclasses' docstrings.
+"""Regenerate the configuration reference (docs/config.md) from the config dataclasses' docstrings.
 
-    python tools/update_readme_config.py        # rewrite the section in place
-    python tools/update_readme_config.py --check  # exit 1 when the README is stale
+    python tools/update_config_reference.py          # rewrite the reference in place
+    python tools/update_config_reference.py --check  # exit 1 when docs/config.md is stale
 """
 
 import argparse
@@ -10,8 +10,9 @@ from pathlib import Path
 
 from neuroprune_ds.train import config_reference
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+STALE = "docs/config.md is stale: run python tools/update_config_reference.py"
 
 
 def rendered() -> str:
@@ -26,13 +27,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    text = README.read_text()
+    text = REFERENCE.read_text()
     if args.check:
         stale = current(text) != rendered()
         if stale:
-            print("README configuration reference is stale: run python tools/update_readme_config.py")
+            print(STALE)
         return int(stale)
-    README.write_text(text.replace(current(text), rendered()))
+    REFERENCE.write_text(text.replace(current(text), rendered()))
     return 0
 
 
