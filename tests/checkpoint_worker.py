@@ -5,8 +5,9 @@ list of runs ``{"name", "config", "deepspeed", "overrides", "faults"}``; each is
 trainer, so a launch pays the process start and imports once. Faults are injected from here, never from the
 package: ``signal_at`` (a real SIGUSR1/SIGTERM sent to one rank after an optimizer step, or during the
 evaluation at that step), ``kill_in_save`` (SIGKILL of one rank inside a save, after the others started
-writing), ``signal_in_prune`` (a signal to one rank while head pruning is at its second block), ``nan_grad_at`` (NaN in one rank's gradient shard at a step). Results (exit status, resume
-details, pruner masks after resume) go to ``<plan dir>/result-<name>-rank<r>.json``.
+writing), ``signal_in_prune`` (a signal to one rank while head pruning is at its second block),
+``nan_grad_at`` (NaN in one rank's gradient shard at a step). Results (exit status, resume details, pruner
+masks after resume, head-pruning passes) go to ``<plan dir>/result-<name>-rank<r>.json``.
 """
 
 from __future__ import annotations

@@ -263,6 +263,19 @@ def test_unreadable_and_malformed_files(tmp_path):
         load_config(tmp_path / "list.yaml")
 
 
+def test_a_key_given_twice_is_refused_with_its_lines_and_merge_keys_may_override(tmp_path):
+    (tmp_path / "twice.yaml").write_text("model: {name_or_path: m}\ndata: {train: t.txt}\n"
+                                         "schedule:\n  lr: 0.001\n  epochs: 2\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml': key 'lr' \(lines 4 and 6\) appears more than once"):
+        load_config(tmp_path / "twice.yaml")
+    (tmp_path / "twice.json").write_text('{"model": {"name_or_path": "m", "name_or_path": "n"}}')
+    with pytest.raises(ConfigError, match="key 'name_or_path' appears more than once"):
+        load_config(tmp_path / "twice.json")
+    merged = "model: {name_or_path: m}\ndata: {train: t.txt}\nschedule:\n  <<: {lr: 0.001, epochs: 2}\n  lr: 0.5\n"
+    (tmp_path / "merge.yaml").write_text(merged)
+    assert load_config(tmp_path / "merge.yaml").schedule.lr == 0.5
+
+
 def test_empty_file_reports_the_required_fields(tmp_path):
     (tmp_path / "empty.yaml").write_text("")
     with pytest.raises(ConfigError) as caught:
@@ -328,6 +341,14 @@ def test_deepspeed_keys_come_from_deepspeed():
     ({"zero_optimization": {"stage": "3"}}, "zero_optimization.stage: '3' is not allowed"),
     ({"zero_optimization": {"stage": True}}, "zero_optimization.stage: True is not allowed"),
     ({"zero_optimization": True}, "zero_optimization: True is not a JSON object"),
+    ({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_sise": 1}},
+     "zero_optimization: unknown key 'stage3_prefetch_bucket_sise' — did you mean 'stage3_prefetch_bucket_size'?"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memroy": True}}},
+     "zero_optimization: unknown key 'offload_optimizer.pin_memroy' — did you mean 'pin_memory'?"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}},
+     "zero_optimization.offload_optimizer.device: 'gpu' is not allowed (Input should be 'none', 'cpu' or 'nvme')"),
+    ({"optimizer": {"type": "AdamW"}}, "deepspeed.optimizer: remove it; the trainer uses torch.optim.AdamW"),
+    ({"scheduler": {"type": "WarmupLR"}}, "deepspeed.scheduler: remove it"),
 ])
 def test_deepspeed_inconsistencies(run, ds, fragment):
     (error,) = check_deepspeed_config(ds, run)

@@ -142,7 +142,8 @@ def _inputs(root: Path) -> list[dict]:
                                                                 "schedule.max_steps=1", "checkpoint.keep_last=1"])]
     special = {"duplicate_key": {"config": "duplicate.yaml"}, "missing_train": {"config": "no_train.yaml"},
                "ds_optimizer": {"deepspeed": "ds_optimizer.json"},
-               "ds_scheduler": {"deepspeed": "ds_scheduler.json"}, "zero_unknown_key": {"deepspeed": "ds_zero_typo.json"},
+               "ds_scheduler": {"deepspeed": "ds_scheduler.json"},
+               "zero_unknown_key": {"deepspeed": "ds_zero_typo.json"},
                "other_stage": {"deepspeed": "ds0.json"}}
     for name, _, commands, overrides, _ in CASES:
         plan.append(entry(name, ["validate", "train"] if commands == "both" else ["train"], overrides=overrides,
