@@ -343,7 +343,8 @@ def _shape_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
             if key in saved and key in current and saved[key] != current[key]]
 
 
-def output_dir_errors(run, *, zero_stage: int, load_universal: bool, read_model_config) -> list[str]:
+def output_dir_errors(run, *, zero_stage: int, load_universal: bool, read_model_config,
+                      world_size: int | None) -> list[str]:
     """What makes a run's output_dir or ``checkpoint.resume`` unusable, found before anything is written.
 
     Args:
@@ -352,6 +353,7 @@ def output_dir_errors(run, *, zero_stage: int, load_universal: bool, read_model_
         load_universal: whether the DeepSpeed config loads universal checkpoints (any stage, any world size).
         read_model_config: returns this run's HF model config; called only when a checkpoint is there to
             compare it with (it can take seconds for a GGUF file).
+        world_size: the run's number of ranks, when known.
 
     Returns:
         One message per problem (what was found, and what to do); empty when the run can start.
@@ -378,12 +380,27 @@ def output_dir_errors(run, *, zero_stage: int, load_universal: bool, read_model_
             errors.append(f"{problem} ({'; '.join(differences)}); {remedy}")
     marker = Path(choice) / COMPLETE if choice is not None else None
     if marker is not None and marker.is_file() and not load_universal:
-        saved_stage = json.loads(marker.read_text())["zero_stage"]
-        # Stages 1 and 2 share DeepSpeed's optimizer and checkpoint layout; the others do not.
-        if saved_stage != zero_stage and not {saved_stage, zero_stage} <= {1, 2}:
-            errors.append(f"{choice} was saved at ZeRO stage {saved_stage}; the DeepSpeed config "
-                          f"{run.deepspeed!r} has stage {zero_stage}: resume with zero_optimization.stage "
-                          f"{saved_stage}, or start afresh with checkpoint.resume=never or another output_dir")
+        errors += _saved_layout_errors(run, Path(choice), json.loads(marker.read_text()), zero_stage, world_size)
+    return errors
+
+
+def _saved_layout_errors(run, tag_dir: Path, saved: dict[str, Any], zero_stage: int,
+                         world_size: int | None) -> list[str]:
+    """A checkpoint of another ZeRO stage, or partitioned over another number of ranks."""
+    errors = []
+    stage = saved["zero_stage"]
+    # Stages 1 and 2 share DeepSpeed's optimizer and checkpoint layout; the others do not.
+    if stage != zero_stage and not {stage, zero_stage} <= {1, 2}:
+        errors.append(f"{tag_dir} was saved at ZeRO stage {stage}; the DeepSpeed config {run.deepspeed!r} has "
+                      f"stage {zero_stage}: resume with zero_optimization.stage {stage}, or start afresh with "
+                      "checkpoint.resume=never or another output_dir")
+    if world_size is not None and saved["world_size"] != world_size and stage != 0:
+        errors.append(
+            f"{tag_dir} was saved by {saved['world_size']} ranks at ZeRO stage {stage}; this run has "
+            f"{world_size}. ZeRO shards cannot be loaded at another world size directly. Convert it once:\n"
+            f"    {universal_command(tag_dir, stage)}\n"
+            f"then resume with checkpoint.resume={tag_dir}_universal and "
+            f"\"checkpoint\": {{\"load_universal\": true}} in the DeepSpeed JSON")
     return errors
 
 
@@ -527,8 +544,8 @@ class CheckpointManager:
         """Load the checkpoint ``checkpoint.resume`` asks for, if any (collective).
 
         Raises:
-            CheckpointError: the path is not a complete checkpoint, or it was saved at another world size
-                and needs DeepSpeed's universal format (the message has the command).
+            CheckpointError: the path is not a complete checkpoint. (Another model, ZeRO stage or world size
+                is refused before, by :func:`output_dir_errors`.)
         """
         tag_dir = _broadcast_object(self._choose() if self.rank == 0 else None)
         if isinstance(tag_dir, CheckpointError):
@@ -536,7 +553,6 @@ class CheckpointManager:
         if tag_dir is None:
             return None
         tag_dir = Path(tag_dir)
-        self._check_world_size(tag_dir)
         load_path, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                         load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
@@ -564,21 +580,6 @@ class CheckpointManager:
             log.warning("checkpoint.resume=never: starting afresh; checkpoints in %s will be replaced",
                         self.ckpt_dir)
         return choose_resume(self.config.resume, self.ckpt_dir)
-
-    def _check_world_size(self, tag_dir: Path) -> None:
-        marker = tag_dir / COMPLETE
-        if not marker.is_file() or self.engine.load_universal_checkpoint():
-            return
-        saved = json.loads(marker.read_text())
-        stage = saved["zero_stage"]
-        if saved["world_size"] == self.world_size or stage == 0:
-            return
-        raise CheckpointError(
-            f"{tag_dir} was saved by {saved['world_size']} ranks at ZeRO stage {stage}; this run has "
-            f"{self.world_size}. ZeRO shards cannot be loaded at another world size directly. Convert it once:\n"
-            f"    {universal_command(tag_dir, stage)}\n"
-            f"then resume with checkpoint.resume={tag_dir}_universal and "
-            f"\"checkpoint\": {{\"load_universal\": true}} in the DeepSpeed JSON")
 
     def _data_position(self, state: dict) -> dict:
         data = dict(state["data"])

@@ -110,7 +110,7 @@ def run_validate(args: argparse.Namespace) -> int:
         errors += _tokenizer_errors(run)
     summary = None
     if not wrong_paths & {"model.name_or_path", "model.gguf_file"}:
-        summary = _check_model(run, ds, errors)
+        summary = _check_model(run, ds, errors, args.world_size)
     if errors:
         print(f"{args.config}: {ConfigError(errors)}", file=sys.stderr)
         return EXIT_INVALID
@@ -128,11 +128,11 @@ def _tokenizer_errors(run: RunConfig) -> list[str]:
     return []
 
 
-def _check_model(run: RunConfig, ds: dict, errors: list[str]) -> str | None:
+def _check_model(run: RunConfig, ds: dict, errors: list[str], world_size: int | None) -> str | None:
     """Append the model's problems to ``errors``; the architecture summary when it resolves."""
     try:
         model_config = train.load_model_config(run)
-        found = train.run_errors(run, ds, lambda: model_config)
+        found = train.run_errors(run, ds, lambda: model_config, world_size)
         errors += found
         if found:
             return None

@@ -159,7 +159,7 @@ def setup(args: argparse.Namespace) -> Session:
 
     tokenizer = load_tokenizer(run.model)
     model_config = functools.cache(lambda: load_model_config(run))  # ~13 s from a GGUF file: only when needed
-    _raise_if(run_errors(run, ds_config, model_config))
+    _raise_if(run_errors(run, ds_config, model_config, world_size))
     text_to_text = run.task == "classification" and uses_text_to_text(run.task, model_config().model_type)
     with main_rank_first(rank, world_size):
         data = build_task_data(run, tokenizer, text_to_text=text_to_text)
@@ -192,7 +192,8 @@ def setup(args: argparse.Namespace) -> Session:
     )
 
 
-def run_errors(run: RunConfig, ds_config: dict[str, Any], model_config: Callable[[], Any]) -> list[str]:
+def run_errors(run: RunConfig, ds_config: dict[str, Any], model_config: Callable[[], Any],
+               world_size: int | None) -> list[str]:
     """Checks of the run against its model and output_dir, before anything is loaded or written (what
     ``neuroprune validate`` checks too).
 
@@ -200,6 +201,7 @@ def run_errors(run: RunConfig, ds_config: dict[str, Any], model_config: Callable
         run: the validated run configuration.
         ds_config: its DeepSpeed config.
         model_config: returns the model's HF config; called only by checks that need it.
+        world_size: the number of ranks, when known (a checkpoint of another world size is refused).
     """
     errors = []
     if run.task == "seq2seq" and not model_config().is_encoder_decoder:
@@ -208,7 +210,7 @@ def run_errors(run: RunConfig, ds_config: dict[str, Any], model_config: Callable
     zero = ds_config.get("zero_optimization", {})
     load_universal = bool(ds_config.get("checkpoint", {}).get("load_universal", False))
     return errors + output_dir_errors(run, zero_stage=zero.get("stage", 0), load_universal=load_universal,
-                                      read_model_config=model_config)
+                                      read_model_config=model_config, world_size=world_size)
 
 
 def _raise_if(errors: list[str]) -> None:
