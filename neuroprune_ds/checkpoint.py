@@ -343,13 +343,13 @@ def _shape_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
             if key in saved and key in current and saved[key] != current[key]]
 
 
-def output_dir_errors(run, *, zero_stage: int, load_universal: bool, read_model_config,
+def output_dir_errors(run, *, zero_stage: int | None, load_universal: bool, read_model_config,
                       world_size: int | None) -> list[str]:
     """What makes a run's output_dir or ``checkpoint.resume`` unusable, found before anything is written.
 
     Args:
         run: the run configuration (output_dir, checkpoint.resume).
-        zero_stage: the ZeRO stage of this run's DeepSpeed config.
+        zero_stage: the ZeRO stage of this run's DeepSpeed config; None: unknown (not checked).
         load_universal: whether the DeepSpeed config loads universal checkpoints (any stage, any world size).
         read_model_config: returns this run's HF model config; called only when a checkpoint is there to
             compare it with (it can take seconds for a GGUF file).
@@ -379,7 +379,7 @@ def output_dir_errors(run, *, zero_stage: int, load_universal: bool, read_model_
         if differences:
             errors.append(f"{problem} ({'; '.join(differences)}); {remedy}")
     marker = Path(choice) / COMPLETE if choice is not None else None
-    if marker is not None and marker.is_file() and not load_universal:
+    if marker is not None and marker.is_file() and not load_universal and zero_stage is not None:
         errors += _saved_layout_errors(run, Path(choice), json.loads(marker.read_text()), zero_stage, world_size)
     return errors
 

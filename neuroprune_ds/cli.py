@@ -103,7 +103,7 @@ def run_validate(args: argparse.Namespace) -> int:
         ds = load_deepspeed_config(run.deepspeed)
         errors += check_deepspeed_config(ds, run, args.world_size)
     except ConfigError as error:
-        ds = {}
+        ds = None
         errors += error.errors
     wrong_paths = {error.partition(":")[0] for error in errors}
     if not wrong_paths & {"model.name_or_path", "model.tokenizer", "model.gguf_file"}:
@@ -128,7 +128,7 @@ def _tokenizer_errors(run: RunConfig) -> list[str]:
     return []
 
 
-def _check_model(run: RunConfig, ds: dict, errors: list[str], world_size: int | None) -> str | None:
+def _check_model(run: RunConfig, ds: dict | None, errors: list[str], world_size: int | None) -> str | None:
     """Append the model's problems to ``errors``; the architecture summary when it resolves."""
     try:
         model_config = train.load_model_config(run)

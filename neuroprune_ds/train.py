@@ -192,14 +192,15 @@ def setup(args: argparse.Namespace) -> Session:
     )
 
 
-def run_errors(run: RunConfig, ds_config: dict[str, Any], model_config: Callable[[], Any],
+def run_errors(run: RunConfig, ds_config: dict[str, Any] | None, model_config: Callable[[], Any],
                world_size: int | None) -> list[str]:
     """Checks of the run against its model and output_dir, before anything is loaded or written (what
     ``neuroprune validate`` checks too).
 
     Args:
         run: the validated run configuration.
-        ds_config: its DeepSpeed config.
+        ds_config: its DeepSpeed config; None when it could not be read (checkpoints are then not checked
+            against its ZeRO stage).
         model_config: returns the model's HF config; called only by checks that need it.
         world_size: the number of ranks, when known (a checkpoint of another world size is refused).
     """
@@ -207,9 +208,9 @@ def run_errors(run: RunConfig, ds_config: dict[str, Any], model_config: Callable
     if run.task == "seq2seq" and not model_config().is_encoder_decoder:
         errors.append(f"task: 'seq2seq' needs an encoder-decoder model (T5, BART); {run.model.name_or_path!r} is "
                       f"a decoder-only {model_config().model_type!r}: use task: causal_lm for it")
-    zero = ds_config.get("zero_optimization", {})
-    load_universal = bool(ds_config.get("checkpoint", {}).get("load_universal", False))
-    return errors + output_dir_errors(run, zero_stage=zero.get("stage", 0), load_universal=load_universal,
+    stage = None if ds_config is None else ds_config.get("zero_optimization", {}).get("stage", 0)
+    load_universal = bool((ds_config or {}).get("checkpoint", {}).get("load_universal", False))
+    return errors + output_dir_errors(run, zero_stage=stage, load_universal=load_universal,
                                       read_model_config=model_config, world_size=world_size)
 
 
