@@ -11,6 +11,7 @@ import copy
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM,
@@ -19,7 +20,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM,
 from neuroprune_ds.arch import ResolvedArchitecture, resolve_architecture
 from neuroprune_ds import train
 from neuroprune_ds.config import RunConfig
-from neuroprune_ds.data import load_tokenizer, uses_text_to_text
+from neuroprune_ds.data import load_raw_dataset, load_tokenizer, uses_text_to_text
 from neuroprune_ds.config_loader import (ConfigError, check_deepspeed_config, check_paths, load_config,
                                          load_deepspeed_config)
 from neuroprune_ds.distributed import EXIT_INVALID
@@ -108,6 +109,7 @@ def run_validate(args: argparse.Namespace) -> int:
     wrong_paths = {error.partition(":")[0] for error in errors}
     if not wrong_paths & {"model.name_or_path", "model.tokenizer", "model.gguf_file"}:
         errors += _tokenizer_errors(run)
+    errors += _data_file_errors(run)
     summary = None
     if not wrong_paths & {"model.name_or_path", "model.gguf_file"}:
         summary = _check_model(run, ds, errors, args.world_size)
@@ -126,6 +128,19 @@ def _tokenizer_errors(run: RunConfig) -> list[str]:
     except (OSError, ValueError) as error:
         return [" ".join(str(error).split())]
     return []
+
+
+def _data_file_errors(run: RunConfig) -> list[str]:
+    """Read the local data files as set-up does (empty, not UTF-8, malformed JSON); hub datasets are not
+    fetched. The task's columns are checked by ``train``'s set-up."""
+    errors = []
+    for spec, split in ((run.data.train, "train"), (run.data.eval, "validation")):
+        if spec and Path(spec).expanduser().exists():
+            try:
+                load_raw_dataset(spec, run.data.dataset_config, default_split=split)
+            except ValueError as error:
+                errors.append(" ".join(str(error).split()))
+    return errors
 
 
 def _check_model(run: RunConfig, ds: dict | None, errors: list[str], world_size: int | None) -> str | None:

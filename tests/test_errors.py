@@ -3,7 +3,7 @@
 output (``NEUROPRUNE_WRITE_ERRORS_DOC=1`` rewrites it).
 
 A case whose input ``validate`` can see must be refused by both, with the same message and exit status 2;
-data contents are read only by ``train``'s set-up. Nothing is written into an output_dir whose checkpoints
+``validate`` reads local data files but leaves their columns (and values) to ``train``'s set-up. Nothing is written into an output_dir whose checkpoints
 belong to another model.
 """
 
@@ -66,9 +66,9 @@ CASES = [
      ["output_dir=trained"], "was saved at ZeRO stage 3"),
     ("resume_other_model", "`checkpoint.resume` of a checkpoint of another size", "both",
      ["model.name_or_path=./model_wide", "checkpoint.resume=trained/checkpoints"], "was saved from another model"),
-    ("empty_file", "an empty data file", "train", ["data.train=empty.jsonl"], "is empty"),
-    ("not_utf8", "a data file that is not UTF-8", "train", ["data.train=latin1.txt"], "is not UTF-8 text"),
-    ("bad_jsonl", "a malformed JSONL row", "train", ["data.train=bad.jsonl"], "line 3 is not a JSON object"),
+    ("empty_file", "an empty data file", "both", ["data.train=empty.jsonl"], "is empty"),
+    ("not_utf8", "a data file that is not UTF-8", "both", ["data.train=latin1.txt"], "is not UTF-8 text"),
+    ("bad_jsonl", "a malformed JSONL row", "both", ["data.train=bad.jsonl"], "line 3 is not a JSON object"),
     ("null_text", "a null text field", "train", ["data.train=null.jsonl"], "has 1 empty (null) value(s)"),
 ]
 
@@ -167,7 +167,7 @@ def table(results: dict) -> str:
             "|---|---|---|---|"]
     for name, description, commands, _, _ in CASES:
         outcome = results[name]
-        validate = f"exit {outcome['validate']['code']}" if "validate" in outcome else "not read (data contents)"
+        validate = f"exit {outcome['validate']['code']}" if "validate" in outcome else "columns not read"
         message = _message(outcome["train"]["stderr"]).replace("|", "\\|")
         rows.append(f"| {description} | {validate} | exit {outcome['train']['code']} | {message} |")
     return "\n".join(rows)
