@@ -87,10 +87,12 @@ class NeuroPruner:
         self.engine = engine
         self.config = config
         self.access = ZeroAccess(engine)
+        self.device = self.access.device  # of every tensor the pruner keeps: masks, factors, degree weights
         self.arch = resolve_architecture(engine.module, config)
         self.params = dict(engine.module.named_parameters())
         self.group_sets = build_group_sets(self.arch, config.mlp_groups)
-        self.alive = {block.name: torch.ones(block.num_units, dtype=torch.bool) for block in self.arch.attention}
+        self.alive = {block.name: torch.ones(block.num_units, dtype=torch.bool, device=self.device)
+                      for block in self.arch.attention}
         self.optimizer_steps = 0
         self.omega: dict[str, torch.Tensor] = {}
         self.last_penalties = {"mlp": 0.0, "attn": 0.0}
@@ -130,7 +132,7 @@ class NeuroPruner:
 
     def _ratio_histogram(self) -> torch.Tensor:
         """This rank's histogram of |task gradient| / (lambda * group factor) over its penalised shards."""
-        hist = torch.zeros(BINS, dtype=torch.float64)
+        hist = torch.zeros(BINS, dtype=torch.float64, device=self.device)
         for group_set in self.group_sets:
             if group_set.key not in self._penalty_factors:
                 continue
@@ -294,7 +296,7 @@ class NeuroPruner:
             q, k, v = (self.access.full_fp32(self.params[lin.weight]) for lin in (block.q, block.k, block.v))
             decision = decide_redundant_units(q, k, v, _layout(block), self.alive[block.name], self.config.theta)
             del q, k, v
-            survivor = torch.arange(block.num_units)
+            survivor = torch.arange(block.num_units, device=self.device)
             for pruned, kept in decision.replaced_by.items():
                 survivor[pruned] = kept
             survivor = self.access.broadcast(survivor)  # rank 0 decides for everyone
@@ -389,26 +391,32 @@ class NeuroPruner:
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Masks and schedule position (the degree weights are recomputed from the weights)."""
-        return {"alive": {name: mask.clone() for name, mask in self.alive.items()},
+        """Masks and schedule position (the degree weights are recomputed from the weights); tensors on the CPU,
+        so that a checkpoint loads on any machine."""
+        return {"alive": _on(self.alive, "cpu"),
                 "optimizer_steps": self.optimizer_steps,
                 "lambda_multiplier": self.lambda_multiplier,
                 "controller": self.controller.state_dict(),
-                "penalty_factors": {key: value.clone() for key, value in self._penalty_factors.items()},
-                "omega": {key: value.clone() for key, value in self.omega.items()}}
+                "penalty_factors": _on(self._penalty_factors, "cpu"),
+                "omega": _on(self.omega, "cpu")}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()`` output; the blocks must match this model's."""
         missing = set(self.alive) ^ set(state["alive"])
         if missing:
             raise ValueError(f"pruner state does not match this model: blocks differ: {sorted(missing)[:4]}")
-        self.alive = {name: mask.clone().bool() for name, mask in state["alive"].items()}
+        self.alive = {name: mask.bool() for name, mask in _on(state["alive"], self.device).items()}
         self.optimizer_steps = int(state["optimizer_steps"])
         self.lambda_multiplier = float(state.get("lambda_multiplier", 1.0))
         if "controller" in state:
             self.controller.load_state_dict(state["controller"])
-        self._penalty_factors = {key: value.clone() for key, value in state.get("penalty_factors", {}).items()}
-        self.omega = {key: value.clone() for key, value in state.get("omega", {}).items()}
+        self._penalty_factors = _on(state.get("penalty_factors", {}), self.device)
+        self.omega = _on(state.get("omega", {}), self.device)
+
+
+def _on(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """Copies of ``tensors`` on ``device`` (DeepSpeed loads client state on the CPU)."""
+    return {key: value.to(device, copy=True) for key, value in tensors.items()}
 
 
 def _numel(param: torch.nn.Parameter) -> int:

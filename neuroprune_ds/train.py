@@ -30,6 +30,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import transformers
+from deepspeed.accelerator import get_accelerator
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
@@ -205,8 +206,10 @@ def build_engine(run: RunConfig, tokenizer, ds_config: dict[str, Any], *, total_
 
 
 def init_distributed() -> tuple[int, int]:
-    """Join the process group described by the environment (see :func:`setup_distributed_env`)."""
+    """Join the process group described by the environment (see :func:`setup_distributed_env`) and bind this
+    process to device LOCAL_RANK of those it sees, before the first collective (NCCL runs on that device)."""
     deepspeed.init_distributed()
+    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     release_shm_allreduce_buffer(rank, world_size)
     return rank, world_size
@@ -423,7 +426,8 @@ def log_train_step(session: Session, window: _Window, step: int) -> dict[str, fl
 
     tokens/s counts non-padding input tokens of all ranks (encoder inputs for seq2seq) over wall time.
     """
-    totals = torch.tensor([window.loss_sum, window.micro_batches, window.tokens], dtype=torch.float64)
+    totals = torch.tensor([window.loss_sum, window.micro_batches, window.tokens], dtype=torch.float64,
+                          device=session.engine.device)
     if session.world_size > 1:
         dist.all_reduce(totals)
     elapsed = time.perf_counter() - window.start

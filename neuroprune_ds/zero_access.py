@@ -41,6 +41,8 @@ class ZeroAccess:
             raise ValueError("neuroprune_ds supports data parallelism (ZeRO 0-3); tensor/pipeline model "
                              "parallelism (engine.mpu) is not supported")
         self.engine = engine
+        self.device = engine.device
+        """Where everything the pruner keeps lives and where collectives run (NCCL takes only GPU tensors)."""
         self._optimizer_keys: list[str] = []
         self.stage = engine.zero_optimization_stage()
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -184,15 +186,19 @@ class ZeroAccess:
 
     # -- communication ---------------------------------------------------------------------------------
     def all_reduce_sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Sum same-dtype tensors over ranks in ONE collective (flatten, all-reduce, split)."""
+        """Sum same-dtype tensors over ranks in ONE collective (flatten, all-reduce, split).
+
+        The sums come back on the engine's device, also for statistics of shards offloaded to the CPU.
+        """
         if self.world_size == 1 or not tensors:
             return tensors
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+        flat = torch.cat([t.reshape(-1).to(self.device) for t in tensors])
         dist.all_reduce(flat)
         return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Rank ``src``'s value of ``tensor`` on every rank (in place)."""
+        """Rank ``src``'s value of ``tensor`` (on the engine's device) on every rank (in place)."""
+        assert tensor.device == self.device, f"broadcast of a tensor on {tensor.device}, not on {self.device}"
         if self.world_size > 1:
             dist.broadcast(tensor, src=src)
         return tensor
