@@ -82,6 +82,11 @@ class ModelConfig:
     """Training precision: 'fp32' or 'bf16' (fp16 does not run on CPU)."""
     trust_remote_code: bool = False
     """Passed to transformers' from_pretrained."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing: keep only each layer's input and recompute the layer in the backward pass
+    (transformers' non-reentrant checkpointing), trading about one extra forward per step for activation
+    memory of one layer instead of all. A DeepSpeed 'activation_checkpointing' section does not reach Hugging
+    Face models; this switch does."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -198,6 +198,8 @@ def prepare_deepspeed_config(run: RunConfig, world_size: int) -> dict[str, Any]:
 def build_engine(run: RunConfig, tokenizer, ds_config: dict[str, Any], *, total_steps: int, text_to_text: bool):
     """Model, AdamW and LR schedule wrapped by ``deepspeed.initialize``; returns the engine."""
     model = load_model(run, tokenizer, text_to_text=text_to_text)
+    if run.model.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     optimizer = build_optimizer(model, run)
     scheduler = get_scheduler(_SCHEDULER_NAMES[run.schedule.lr_scheduler], optimizer,
                               num_warmup_steps=run.schedule.warmup_steps, num_training_steps=total_steps)
@@ -325,6 +327,23 @@ def load_model(run: RunConfig, tokenizer, *, text_to_text: bool) -> torch.nn.Mod
         # Sequence classification of decoder models finds the last real token through the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (``model.gradient_checkpointing``).
+
+    Non-reentrant checkpointing recomputes through ZeRO-3's parameter hooks and needs no input that requires a
+    gradient. In a checkpointed training forward transformers drops the KV cache itself; evaluation and
+    generation (no gradients) keep it.
+
+    Raises:
+        ConfigError: the model's class does not support it.
+    """
+    if not model.supports_gradient_checkpointing:
+        raise ConfigError([f"model.gradient_checkpointing: {type(model).__name__} does not support activation "
+                           "checkpointing; set it to false"])
+    # The name every transformers 5.x has (5.24 adds activation_checkpointing_enable and warns on this one).
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.Optimizer:

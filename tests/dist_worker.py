@@ -1,8 +1,8 @@
 """Runs NeuroPrune on a real DeepSpeed engine for several scenarios in one 2-rank launch.
 
-    torchrun --nproc_per_node 2 tests/dist_worker.py OUT.pt family:stage:dtype[:gas] ...
+    torchrun --nproc_per_node 2 tests/dist_worker.py OUT.pt family:stage:dtype[:gas][:option ...] ...
 
-For each scenario it trains the equivalence model a few steps with the pruner, then records (collectively)
+Options: ``gc`` (activation checkpointing through the trainer's switch). For each scenario it trains the equivalence model a few steps with the pruner, then records (collectively)
 the gathered fp32 master weights, the working weights, the optimizer moments of pruned entries, the pruner's
 metrics and decisions. Rank 0 writes everything to OUT.pt; the test compares it with a single-process
 reference. A scenario that DeepSpeed cannot run records the exact exception text instead.
@@ -21,13 +21,22 @@ from deepspeed.utils import safe_get_full_optimizer_state
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import batch, equivalence_model  # noqa: E402
 
+from neuroprune_ds.arch import resolve_architecture  # noqa: E402
 from neuroprune_ds.config import NeuroPruneConfig  # noqa: E402
 from neuroprune_ds.pruner import NeuroPruner  # noqa: E402
+from neuroprune_ds.train import enable_activation_checkpointing  # noqa: E402
 
 STEPS = 4
 LR = 1e-3
 CLIP = 1.0
 NEUROPRUNE = NeuroPruneConfig(mlp_lambda=1e-2, attn_lambda=1e-2, theta=0.05, prune_every_steps=2)
+
+
+def parse(scenario: str) -> tuple[str, int, str, int, set[str]]:
+    """``family:stage:dtype[:gas][:option ...]`` -> (family, stage, dtype, gas, options)."""
+    family, stage, dtype, *rest = scenario.split(":")
+    gas = int(rest.pop(0)) if rest and rest[0].isdigit() else 1
+    return family, int(stage), dtype, gas, set(rest)
 
 
 def ds_config(stage: int, dtype: str, gas: int) -> dict:
@@ -57,8 +66,15 @@ def moments(engine, pruner, param) -> dict:
     return {k: state[k].detach().float().clone() for k in keys}
 
 
-def run(family: str, stage: int, dtype: str, gas: int) -> dict:
+def run(family: str, stage: int, dtype: str, gas: int, options: set[str]) -> dict:
     model = equivalence_model(family)
+    if "gc" in options:
+        enable_activation_checkpointing(model)
+    # Under activation checkpointing a layer's submodules run again in the backward pass: count the calls of
+    # the first FFN input projection (a pre-hook: the recompute stops once it has what backward needs).
+    forward_calls = []
+    ffn_input = resolve_architecture(model).ffn[0].inputs[0].weight.removesuffix(".weight")
+    model.get_submodule(ffn_input).register_forward_pre_hook(lambda *_: forward_calls.append(1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage, dtype, gas))
     pruner = NeuroPruner(engine, NEUROPRUNE)
@@ -84,6 +100,7 @@ def run(family: str, stage: int, dtype: str, gas: int) -> dict:
         "summary": pruner.summary(),
         "alive": {k: v.clone() for k, v in pruner.alive.items()},
         "losses": losses,
+        "forward_calls": len(forward_calls),
         "penalties": penalties,
         "any_partitioned": any(partitioned.values()),
     }
@@ -97,9 +114,8 @@ def main() -> None:
     torch.set_num_threads(1)
     results = {}
     for scenario in scenarios:
-        family, stage, dtype, *rest = scenario.split(":")
         try:
-            results[scenario] = run(family, int(stage), dtype, int(rest[0]) if rest else 1)
+            results[scenario] = run(*parse(scenario))
         except Exception:  # DeepSpeed cannot run this scenario here: record its exact error for the test
             results[scenario] = {"error": traceback.format_exc()}
             if dist.get_rank() == 0:

@@ -2,7 +2,8 @@
 
 Under CUDA + NCCL a tensor created without ``device=`` sits on the CPU, and the first collective or the first
 product with a GPU shard fails. CPU-only machines see no failure, so the trainer runs here (2 ranks, ZeRO-3,
-NeuroPrune with a target sparsity and head pruning, evaluation, a preemption save and a resume) under
+activation checkpointing, NeuroPrune with a target sparsity and head pruning, evaluation, a preemption save
+and a resume) under
 tests/device_guard.py, which records every tensor factory the library calls without a device.
 """
 
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.dist
 
 def test_trainer_pruner_evaluation_and_resume_create_no_tensor_without_a_device(tmp_path, assets):
     sections = {"neuroprune": {"mlp_lambda": 1e-3, "attn_lambda": 1e-3, "theta": 0.2, "prune_every_steps": 2,
-                               "target_sparsity": 0.3, "target_ramp_steps": 4}}
+                               "target_sparsity": 0.3, "target_ramp_steps": 4},
+                "model": {"gradient_checkpointing": True}}
     config = write_run(tmp_path, assets, "guarded", **sections)
     ds = ds_json(tmp_path, 3)
     plan = [dict(run_entry("cut", config, ds, signal_at={"step": STOP, "rank": 1, "signal": "SIGTERM"}),
