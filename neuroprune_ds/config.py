@@ -34,8 +34,8 @@ class NeuroPruneConfig:
     stop_at_zero: bool = True
     """A penalised weight whose optimizer step crosses zero is set to exactly 0 and its first Adam moment
     cleared (truncated L1). Without it Adam keeps such a weight oscillating around 0 at a fraction of lr
-    (measured at lr 2e-3: only 22% of the weights the penalty has driven to zero sit below epsilon). Costs one
-    byte per penalised weight of the working copy a rank holds (ZeRO 0-2: the whole model; ZeRO-3: its share)."""
+    (measured at lr 2e-3: only 22% of the weights the penalty has driven to zero sit below epsilon). Costs,
+    during the optimizer step, one byte per penalised weight of this rank's fp32 master shard."""
     degree_every: int = 1
     """Recompute the FFN degree weights every this many optimizer steps."""
     mlp_groups: str = "neuron"

@@ -101,8 +101,10 @@ class NeuroPruner:
         self.controller = SparsityController(config.controller_gain)
         self._penalty_factors: dict[str, torch.Tensor] = {}  # last step's per-group factor of each penalised set
         self._boundary_pending = False
-        self._signs_before_step: dict[str, torch.Tensor] = {}  # sign of each penalised weight before the step
+        self._signs_before_step: dict[str, torch.Tensor] = {}  # of the master slices the current step updates
         self._partitioned = any(self.access.is_partitioned(p) for p in self.params.values())
+        if config.enabled and config.stop_at_zero:
+            self.access.around_master_steps(self._record_signs, self._stop_at_zero)
 
     # -- the per-step hooks ----------------------------------------------------------------------------
     def lambda_scale(self) -> float:
@@ -185,9 +187,6 @@ class NeuroPruner:
                     self._add_penalty_grad(name, axis, per_group, lam)
         self.last_penalties = penalties
         self._mask(grads=True)
-        if self.config.stop_at_zero:
-            self._signs_before_step = {name: torch.sign(self.access.working(self.params[name])[0]).to(torch.int8)
-                                       for name in self._penalised_names()}
 
     def after_step(self) -> None:
         """Keep pruned weights exactly zero and run step-scheduled head pruning; call after every ``engine.step``."""
@@ -197,7 +196,6 @@ class NeuroPruner:
         self.optimizer_steps += 1
         if not self.config.enabled:
             return
-        self._stop_at_zero()
         self._mask(grads=False)
         every = self.config.prune_every_steps
         if every and self.optimizer_steps % every == 0 and self.optimizer_steps >= self.config.prune_start_step:
@@ -246,18 +244,29 @@ class NeuroPruner:
     def _penalised_names(self) -> list[str]:
         return [name for s in self.group_sets if s.kind in ("mlp", "attn") for name, _ in s.members]
 
+    def _record_signs(self, stepped: set[int]) -> None:
+        """Before the optimizer updates the masters in ``stepped``: the signs of the penalised slices among them.
+
+        One byte per element of this rank's fp32 master slices that this (sub-)group step updates, dropped
+        after it: never more than this rank's shard, whatever the ZeRO stage.
+        """
+        self._signs_before_step = {
+            name: torch.sign(self.access.master(self.params[name])).to(torch.int8) for name in self._penalised_names()
+            if self.access.master_storage(self.params[name]) in stepped}
+
     def _stop_at_zero(self) -> None:
-        """Penalised weights whose step crossed zero become exactly 0, with their first moment (see config)."""
+        """After that update: penalised weights whose step crossed zero become exactly 0, with their first
+        moment (see config). Only the master and the moments are written; DeepSpeed then copies the masters
+        into every rank's working copy."""
         signs_before, self._signs_before_step = self._signs_before_step, {}
         for name, before in signs_before.items():
             param = self.params[name]
-            now, covered = self.access.working(param)
-            crossed = torch.sign(now).to(torch.int8).mul_(before).lt(0)
+            crossed = torch.sign(self.access.master(param)).to(torch.int8).mul_(before).lt(0)
 
-            def clear(tensor: torch.Tensor, piece: FlatSlice, crossed=crossed, start=covered.offset) -> None:
-                tensor.masked_fill_(crossed[piece.offset - start:piece.offset - start + piece.numel], 0)
+            def clear(tensor: torch.Tensor, piece: FlatSlice, crossed=crossed) -> None:
+                tensor.masked_fill_(crossed, 0)
 
-            self.access.edit_weights(param, clear, moments=("exp_avg",))
+            self.access.edit_master(param, clear, moments=("exp_avg",))
 
     # -- masks -----------------------------------------------------------------------------------------
     def _mask_entries(self, block: AttentionBlock):
