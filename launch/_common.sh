@@ -27,11 +27,22 @@ parse_entry_args() {
   ENTRY_ARGS+=("$@")
 }
 
+# Every rank binds GPU LOCAL_RANK (0 .. ranks per node - 1) of those CUDA_VISIBLE_DEVICES shows: with fewer
+# visible GPUs than ranks, the ranks beyond them would fail with "invalid device ordinal" after start-up.
+check_visible_gpus() {
+  local ranks_per_node=$1 visible
+  [[ -n ${CUDA_VISIBLE_DEVICES:-} ]] || return 0
+  IFS=, read -ra visible <<<"$CUDA_VISIBLE_DEVICES"
+  ((${#visible[@]} >= ranks_per_node)) ||
+    die "$ranks_per_node ranks per node but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES shows ${#visible[@]} GPU(s): start at most ${#visible[@]} ranks per node, or make more GPUs visible"
+}
+
 # Environment for the ranks. OMP_NUM_THREADS matters most: ZeRO-3 on CPU is ~5x slower when every rank
 # opens an OpenMP pool as large as the machine, and the deepspeed launcher does not set it.
 setup_rank_env() {
   local ranks_per_node=$1 cpus
   command -v "$PYTHON" >/dev/null || die "python interpreter '$PYTHON' not found (activate the venv or set NEUROPRUNE_PYTHON)"
+  check_visible_gpus "$ranks_per_node"
   cpus=$(nproc)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / ranks_per_node > 0 ? cpus / ranks_per_node : 1))}
   # One JIT cache per venv: DeepSpeed rebuilds its ops (~60 s on 2 cores) when the ninja binary differs,

@@ -34,8 +34,8 @@ class NeuroPruneConfig:
     stop_at_zero: bool = True
     """A penalised weight whose optimizer step crosses zero is set to exactly 0 and its first Adam moment
     cleared (truncated L1). Without it Adam keeps such a weight oscillating around 0 at a fraction of lr
-    (measured at lr 2e-3: only 22% of the weights the penalty has driven to zero sit below epsilon). Costs one
-    byte per penalised weight of the working copy a rank holds (ZeRO 0-2: the whole model; ZeRO-3: its share)."""
+    (measured at lr 2e-3: only 22% of the weights the penalty has driven to zero sit below epsilon). Costs,
+    during the optimizer step, one byte per penalised weight of this rank's fp32 master shard."""
     degree_every: int = 1
     """Recompute the FFN degree weights every this many optimizer steps."""
     mlp_groups: str = "neuron"
@@ -84,6 +84,11 @@ class ModelConfig:
     """Training precision: 'fp32' or 'bf16' (fp16 does not run on CPU)."""
     trust_remote_code: bool = False
     """Passed to transformers' from_pretrained."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing: keep only each layer's input and recompute the layer in the backward pass
+    (transformers' non-reentrant checkpointing), trading about one extra forward per step for activation
+    memory of one layer instead of all. A DeepSpeed 'activation_checkpointing' section does not reach Hugging
+    Face models; this switch does."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -587,7 +587,16 @@ def check_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int |
     errors += _dtype_errors(ds, run)
     errors += _zero_errors(ds)
     errors += _neuroprune_errors(ds, run)
+    errors += _activation_checkpointing_errors(ds)
     return errors
+
+
+def _activation_checkpointing_errors(ds: dict[str, Any]) -> list[str]:
+    """DeepSpeed's section configures ``deepspeed.checkpointing.checkpoint``, which HF models never call."""
+    if ACT_CHKPT not in ds:
+        return []
+    return [f"deepspeed.{ACT_CHKPT}: has no effect on Hugging Face models (they do not call DeepSpeed's "
+            "checkpointing); remove it and set model.gradient_checkpointing=true instead"]
 
 
 def _neuroprune_errors(ds: dict[str, Any], run: RunConfig) -> list[str]:

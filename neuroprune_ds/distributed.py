@@ -161,14 +161,27 @@ def _slurm_local_world_size(environ: Mapping[str, str]) -> int | None:
     return None
 
 
+def _slurm_local_rank(environ: Mapping[str, str], local_world_size: int | None) -> str:
+    """The task's device index among the GPUs it sees (DeepSpeed binds cuda:LOCAL_RANK).
+
+    With ``--gpus-per-node`` every task of a node sees all its GPUs (CUDA_VISIBLE_DEVICES lists them) and
+    task SLURM_LOCALID takes device SLURM_LOCALID. With ``--gpus-per-task=1`` (or ``--gpu-bind=single:1``)
+    SLURM shows each task only its own GPU, as device 0: fewer devices than tasks on the node, so 0.
+    """
+    visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if visible and local_world_size is not None and len(visible) < local_world_size:
+        return "0"
+    return environ.get("SLURM_LOCALID", "0")
+
+
 def _slurm_vars(environ: Mapping[str, str]) -> dict[str, str]:
     """RANK, WORLD_SIZE, ... of an srun task (before filtering out what is already set)."""
+    local_ws = _slurm_local_world_size(environ)
     out = {
         "RANK": environ["SLURM_PROCID"],
         "WORLD_SIZE": environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1",
-        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+        "LOCAL_RANK": _slurm_local_rank(environ, local_ws),
     }
-    local_ws = _slurm_local_world_size(environ)
     if local_ws is not None:
         out["LOCAL_WORLD_SIZE"] = str(local_ws)
     nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
@@ -209,8 +222,8 @@ def env_from_launcher(environ: Mapping[str, str] | None = None, cpu_count: int |
 
     * deepspeed / torchrun / anything that set RANK and WORLD_SIZE: only missing extras (LOCAL_WORLD_SIZE,
       OMP_NUM_THREADS).
-    * an srun task: SLURM_PROCID->RANK, SLURM_NTASKS->WORLD_SIZE, SLURM_LOCALID->LOCAL_RANK, tasks on this
-      node->LOCAL_WORLD_SIZE, first host of the step's nodelist->MASTER_ADDR, job id->MASTER_PORT.
+    * an srun task: SLURM_PROCID->RANK, SLURM_NTASKS->WORLD_SIZE, SLURM_LOCALID->LOCAL_RANK (0 when the task
+      sees only its own GPU, see :func:`_slurm_local_rank`), tasks on this node->LOCAL_WORLD_SIZE, first host of the step's nodelist->MASTER_ADDR, job id->MASTER_PORT.
     * nothing (or a SLURM batch script without srun): a single-process world on 127.0.0.1 and a free port.
     """
     environ = os.environ if environ is None else environ

@@ -59,7 +59,7 @@ def evaluate(
     finally:
         if was_training:
             model.train()
-    nll, count = _all_reduce_sum([results.pop("nll"), results.pop("tokens")], world_size)
+    nll, count = _all_reduce_sum([results.pop("nll"), results.pop("tokens")], world_size, _device(model))
     metrics = {"eval/loss": nll / max(count, 1.0)}
     if data.task == "causal_lm":
         metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 700.0))
@@ -181,8 +181,8 @@ def _distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
-def _all_reduce_sum(values: list[float], world_size: int) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+def _all_reduce_sum(values: list[float], world_size: int, device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
     if _distributed(world_size):
         dist.all_reduce(tensor)
     return tensor.tolist()

@@ -62,7 +62,7 @@ def find_dominating(s: torch.Tensor) -> torch.Tensor:
     j* < j) then j* = j. Set D[i, j*] = 1. A later head whose neighbourhood contains j*'s wins.
     """
     k = s.shape[0]
-    d = torch.eye(k, dtype=torch.long)
+    d = torch.eye(k, dtype=torch.long, device=s.device)
     for i in range(k):
         best = i
         for j in range(k):

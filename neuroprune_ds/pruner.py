@@ -88,10 +88,12 @@ class NeuroPruner:
         self.engine = engine
         self.config = config
         self.access = ZeroAccess(engine)
+        self.device = self.access.device  # of every tensor the pruner keeps: masks, factors, degree weights
         self.arch = resolve_architecture(engine.module, config)
         self.params = dict(engine.module.named_parameters())
         self.group_sets = build_group_sets(self.arch, config.mlp_groups)
-        self.alive = {block.name: torch.ones(block.num_units, dtype=torch.bool) for block in self.arch.attention}
+        self.alive = {block.name: torch.ones(block.num_units, dtype=torch.bool, device=self.device)
+                      for block in self.arch.attention}
         self.optimizer_steps = 0
         self.omega: dict[str, torch.Tensor] = {}
         self.last_penalties = {"mlp": 0.0, "attn": 0.0}
@@ -100,8 +102,10 @@ class NeuroPruner:
         self.controller = SparsityController(config.controller_gain)
         self._penalty_factors: dict[str, torch.Tensor] = {}  # last step's per-group factor of each penalised set
         self._boundary_pending = False
-        self._signs_before_step: dict[str, torch.Tensor] = {}  # sign of each penalised weight before the step
+        self._signs_before_step: dict[str, torch.Tensor] = {}  # of the master slices the current step updates
         self._partitioned = any(self.access.is_partitioned(p) for p in self.params.values())
+        if config.enabled and config.stop_at_zero:
+            self.access.around_master_steps(self._record_signs, self._stop_at_zero)
 
     # -- the per-step hooks ----------------------------------------------------------------------------
     def lambda_scale(self) -> float:
@@ -131,7 +135,7 @@ class NeuroPruner:
 
     def _ratio_histogram(self) -> torch.Tensor:
         """This rank's histogram of |task gradient| / (lambda * group factor) over its penalised shards."""
-        hist = torch.zeros(BINS, dtype=torch.float64)
+        hist = torch.zeros(BINS, dtype=torch.float64, device=self.device)
         for group_set in self.group_sets:
             if group_set.key not in self._penalty_factors:
                 continue
@@ -184,9 +188,6 @@ class NeuroPruner:
                     self._add_penalty_grad(name, axis, per_group, lam)
         self.last_penalties = penalties
         self._mask(grads=True)
-        if self.config.stop_at_zero:
-            self._signs_before_step = {name: torch.sign(self.access.working(self.params[name])[0]).to(torch.int8)
-                                       for name in self._penalised_names()}
 
     def after_step(self, should_stop: Callable[[], bool] | None = None) -> None:
         """Keep pruned weights exactly zero and run step-scheduled head pruning; call after every ``engine.step``.
@@ -198,7 +199,6 @@ class NeuroPruner:
         self.optimizer_steps += 1
         if not self.config.enabled:
             return
-        self._stop_at_zero()
         self._mask(grads=False)
         every = self.config.prune_every_steps
         if every and self.optimizer_steps % every == 0 and self.optimizer_steps >= self.config.prune_start_step:
@@ -247,18 +247,29 @@ class NeuroPruner:
     def _penalised_names(self) -> list[str]:
         return [name for s in self.group_sets if s.kind in ("mlp", "attn") for name, _ in s.members]
 
+    def _record_signs(self, stepped: set[int]) -> None:
+        """Before the optimizer updates the masters in ``stepped``: the signs of the penalised slices among them.
+
+        One byte per element of this rank's fp32 master slices that this (sub-)group step updates, dropped
+        after it: never more than this rank's shard, whatever the ZeRO stage.
+        """
+        self._signs_before_step = {
+            name: torch.sign(self.access.master(self.params[name])).to(torch.int8) for name in self._penalised_names()
+            if self.access.master_storage(self.params[name]) in stepped}
+
     def _stop_at_zero(self) -> None:
-        """Penalised weights whose step crossed zero become exactly 0, with their first moment (see config)."""
+        """After that update: penalised weights whose step crossed zero become exactly 0, with their first
+        moment (see config). Only the master and the moments are written; DeepSpeed then copies the masters
+        into every rank's working copy."""
         signs_before, self._signs_before_step = self._signs_before_step, {}
         for name, before in signs_before.items():
             param = self.params[name]
-            now, covered = self.access.working(param)
-            crossed = torch.sign(now).to(torch.int8).mul_(before).lt(0)
+            crossed = torch.sign(self.access.master(param)).to(torch.int8).mul_(before).lt(0)
 
-            def clear(tensor: torch.Tensor, piece: FlatSlice, crossed=crossed, start=covered.offset) -> None:
-                tensor.masked_fill_(crossed[piece.offset - start:piece.offset - start + piece.numel], 0)
+            def clear(tensor: torch.Tensor, piece: FlatSlice, crossed=crossed) -> None:
+                tensor.masked_fill_(crossed, 0)
 
-            self.access.edit_weights(param, clear, moments=("exp_avg",))
+            self.access.edit_master(param, clear, moments=("exp_avg",))
 
     # -- masks -----------------------------------------------------------------------------------------
     def _mask_entries(self, block: AttentionBlock):
@@ -304,7 +315,7 @@ class NeuroPruner:
             q, k, v = (self.access.full_fp32(self.params[lin.weight]) for lin in (block.q, block.k, block.v))
             decision = decide_redundant_units(q, k, v, _layout(block), self.alive[block.name], self.config.theta)
             del q, k, v
-            survivor = torch.arange(block.num_units)
+            survivor = torch.arange(block.num_units, device=self.device)
             for pruned, kept in decision.replaced_by.items():
                 survivor[pruned] = kept
             survivor = self.access.broadcast(survivor)  # rank 0 decides for everyone
@@ -399,26 +410,32 @@ class NeuroPruner:
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Masks, schedule position, controller state, and the last degree weights and penalty factors."""
-        return {"alive": {name: mask.clone() for name, mask in self.alive.items()},
+        """Masks, schedule position, controller state, and the last degree weights and penalty factors;
+        tensors on the CPU, so that a checkpoint loads on any machine."""
+        return {"alive": _on(self.alive, "cpu"),
                 "optimizer_steps": self.optimizer_steps,
                 "lambda_multiplier": self.lambda_multiplier,
                 "controller": self.controller.state_dict(),
-                "penalty_factors": {key: value.clone() for key, value in self._penalty_factors.items()},
-                "omega": {key: value.clone() for key, value in self.omega.items()}}
+                "penalty_factors": _on(self._penalty_factors, "cpu"),
+                "omega": _on(self.omega, "cpu")}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()`` output; the blocks must match this model's."""
         missing = set(self.alive) ^ set(state["alive"])
         if missing:
             raise ValueError(f"pruner state does not match this model: blocks differ: {sorted(missing)[:4]}")
-        self.alive = {name: mask.clone().bool() for name, mask in state["alive"].items()}
+        self.alive = {name: mask.bool() for name, mask in _on(state["alive"], self.device).items()}
         self.optimizer_steps = int(state["optimizer_steps"])
         self.lambda_multiplier = float(state.get("lambda_multiplier", 1.0))
         if "controller" in state:
             self.controller.load_state_dict(state["controller"])
-        self._penalty_factors = {key: value.clone() for key, value in state.get("penalty_factors", {}).items()}
-        self.omega = {key: value.clone() for key, value in state.get("omega", {}).items()}
+        self._penalty_factors = _on(state.get("penalty_factors", {}), self.device)
+        self.omega = _on(state.get("omega", {}), self.device)
+
+
+def _on(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """Copies of ``tensors`` on ``device`` (DeepSpeed loads client state on the CPU)."""
+    return {key: value.to(device, copy=True) for key, value in tensors.items()}
 
 
 def _numel(param: torch.nn.Parameter) -> int:

@@ -47,9 +47,9 @@ def add_ratio_histogram_(hist: torch.Tensor, grad: torch.Tensor, piece: FlatSlic
     local_index = torch.arange(0, grad.numel(), stride, device=grad.device)
     flat_index = local_index + piece.offset
     group = flat_index // piece.cols if axis == ROW else flat_index % piece.cols
-    ratio = grad[local_index].abs().double() * inverse_penalty[group]
+    ratio = grad[local_index].abs().double() * inverse_penalty.to(grad.device)[group]
     position = (torch.log10(ratio).clamp_(LOG_MIN, LOG_MAX) - LOG_MIN) * (BINS / (LOG_MAX - LOG_MIN))
-    hist += torch.bincount(position.long().clamp_(0, BINS - 1), minlength=BINS).double()
+    hist += torch.bincount(position.long().clamp_(0, BINS - 1), minlength=BINS).to(hist)
 
 
 def fraction_below(hist: torch.Tensor, scale: float) -> float:
@@ -68,7 +68,7 @@ def quantile_scale(hist: torch.Tensor, fraction: float) -> float:
         return 1.0
     cumulative = torch.cumsum(hist, dim=0)
     index = int(torch.searchsorted(cumulative, torch.tensor(min(max(fraction, 0.0), 1.0) * total,
-                                                            dtype=cumulative.dtype)))
+                                                            dtype=cumulative.dtype, device=cumulative.device)))
     index = min(index, BINS - 1)
     upper_edge = LOG_MIN + (index + 1) * (LOG_MAX - LOG_MIN) / BINS
     return 10.0 ** upper_edge

@@ -31,6 +31,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import transformers
+from deepspeed.accelerator import get_accelerator
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
@@ -229,6 +230,8 @@ def prepare_deepspeed_config(run: RunConfig, world_size: int) -> dict[str, Any]:
 def build_engine(run: RunConfig, tokenizer, ds_config: dict[str, Any], *, total_steps: int, text_to_text: bool):
     """Model, AdamW and LR schedule wrapped by ``deepspeed.initialize``; returns the engine."""
     model = load_model(run, tokenizer, text_to_text=text_to_text)
+    if run.model.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     optimizer = build_optimizer(model, run)
     scheduler = get_scheduler(_SCHEDULER_NAMES[run.schedule.lr_scheduler], optimizer,
                               num_warmup_steps=run.schedule.warmup_steps, num_training_steps=total_steps)
@@ -237,8 +240,10 @@ def build_engine(run: RunConfig, tokenizer, ds_config: dict[str, Any], *, total_
 
 
 def init_distributed() -> tuple[int, int]:
-    """Join the process group described by the environment (see :func:`setup_distributed_env`)."""
+    """Join the process group described by the environment (see :func:`setup_distributed_env`) and bind this
+    process to device LOCAL_RANK of those it sees, before the first collective (NCCL runs on that device)."""
     deepspeed.init_distributed()
+    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     release_shm_allreduce_buffer(rank, world_size)
     return rank, world_size
@@ -345,6 +350,23 @@ def load_model(run: RunConfig, tokenizer, *, text_to_text: bool) -> torch.nn.Mod
     return model
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (``model.gradient_checkpointing``).
+
+    Non-reentrant checkpointing recomputes through ZeRO-3's parameter hooks and needs no input that requires a
+    gradient. In a checkpointed training forward transformers drops the KV cache itself; evaluation and
+    generation (no gradients) keep it.
+
+    Raises:
+        ConfigError: the model's class does not support it.
+    """
+    if not model.supports_gradient_checkpointing:
+        raise ConfigError([f"model.gradient_checkpointing: {type(model).__name__} does not support activation "
+                           "checkpointing; set it to false"])
+    # The name every transformers 5.x has (5.24 adds activation_checkpointing_enable and warns on this one).
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.Optimizer:
     """torch AdamW (nothing to compile); biases and norm weights (1-D tensors) get no weight decay."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -444,7 +466,8 @@ def log_train_step(session: Session, window: _Window, step: int) -> dict[str, fl
 
     tokens/s counts non-padding input tokens of all ranks (encoder inputs for seq2seq) over wall time.
     """
-    totals = torch.tensor([window.loss_sum, window.micro_batches, window.tokens], dtype=torch.float64)
+    totals = torch.tensor([window.loss_sum, window.micro_batches, window.tokens], dtype=torch.float64,
+                          device=session.engine.device)
     if session.world_size > 1:
         dist.all_reduce(totals)
     elapsed = time.perf_counter() - window.start

@@ -11,13 +11,12 @@ No NeuroPrune math lives here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_get_local_grad,
-                             safe_get_local_optimizer_state, safe_set_local_fp32_param, safe_set_local_grad,
-                             safe_set_local_optimizer_state)
+                             safe_set_local_fp32_param, safe_set_local_grad)
 
 from neuroprune_ds.flat_slice import FlatSlice
 
@@ -41,6 +40,8 @@ class ZeroAccess:
             raise ValueError("neuroprune_ds supports data parallelism (ZeRO 0-3); tensor/pipeline model "
                              "parallelism (engine.mpu) is not supported")
         self.engine = engine
+        self.device = engine.device
+        """Where everything the pruner keeps lives and where collectives run (NCCL takes only GPU tensors)."""
         self._optimizer_keys: list[str] = []
         self.stage = engine.zero_optimization_stage()
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -91,13 +92,16 @@ class ZeroAccess:
             return safe_get_full_fp32_param(param).detach().float().reshape(_shape(param))
         return param.data.detach().float().clone()
 
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer that updates the fp32 masters (inside DeepSpeed's ZeRO or bf16 wrapper, if any)."""
+        optimizer = self.engine.optimizer
+        return getattr(optimizer, "optimizer", optimizer)
+
     def optimizer_keys(self) -> list[str]:
         """Names of the per-element optimizer states (e.g. exp_avg, exp_avg_sq); empty before the first step."""
         if not self._optimizer_keys:  # fixed once the optimizer has stepped: found once, not on every edit
-            optimizer = self.engine.optimizer
-            inner = getattr(optimizer, "optimizer", optimizer)
             keys = set()
-            for state in inner.state.values():
+            for state in self.inner_optimizer().state.values():
                 keys.update(k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0)
             self._optimizer_keys = sorted(keys)
         return self._optimizer_keys
@@ -131,67 +135,99 @@ class ZeroAccess:
             return
         edit(self.local_grad(param), piece)
 
-    def working(self, param: torch.nn.Parameter) -> tuple[torch.Tensor, FlatSlice]:
-        """The working (module) copy as this rank holds it, 1-D, and the slice it covers: the local partition
-        at ZeRO-3 (the whole parameter when it is persistent), the whole parameter otherwise. Read only."""
-        if hasattr(param, "ds_id") and not getattr(param, "ds_persist", False):
-            piece = self.local_slice(param)
-            return param.ds_tensor.data.view(-1)[:piece.numel], piece
-        return param.data.view(-1), FlatSlice.of(_shape(param))
-
-    def _moment_keys(self, moments: bool | Sequence[str], available: Iterable[str]) -> list[str]:
-        return [key for key in available if moments is True or (moments and key in moments)]
-
     @torch.no_grad()
     def edit_weights(self, param: torch.nn.Parameter, edit: SliceEdit, moments: bool | Sequence[str] = False) -> None:
         """Apply ``edit`` to the fp32 master, the working (16-bit or fp32 module) copy, and the optimizer
         moments of ``param`` named in ``moments`` (True: every one). Every rank calls this with the same edit."""
-        piece = self.local_slice(param)
-        if hasattr(param, "ds_id"):
-            self._edit_zero3(param, piece, edit, moments)
-            return
-        mapping = getattr(param, "_hp_mapping", "replicated")
-        if mapping == "replicated":
-            edit(param.data.view(-1), piece)
-            state = getattr(self.engine.optimizer, "state", {}).get(param, {})
-            for key in self._moment_keys(moments, self.optimizer_keys()):
-                if key in state:
-                    edit(state[key].view(-1), piece)
-            return
-        # ZeRO-1/2 and bf16: every rank holds the whole working copy, and a fragment of the master/moments.
-        edit(param.data.view(-1), FlatSlice.of(param.shape))
-        if mapping is None or piece.numel == 0:
-            return
-        edit(mapping.get_hp_fragment().view(-1), piece)
-        if mapping.optim_fragment:
-            for key in self._moment_keys(moments, mapping.get_optim_state_keys()):
-                edit(mapping.get_hp_fragment(key).view(-1), piece)
+        self.edit_master(param, edit, moments)
+        if hasattr(param, "ds_id"):  # ZeRO-3: the local partition of the working copy
+            piece = self.local_slice(param)
+            if piece.numel:
+                edit(param.ds_tensor.data.view(-1)[:piece.numel], piece)
+            if getattr(param, "ds_persist", False):  # persistent parameters also keep a full copy in .data
+                edit(param.data.view(-1), FlatSlice.of(_shape(param)))
+        elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2 and bf16: every rank holds the whole working copy
+            edit(param.data.view(-1), FlatSlice.of(param.shape))
 
-    def _edit_zero3(self, param, piece: FlatSlice, edit: SliceEdit, moments: bool | Sequence[str]) -> None:
-        if piece.numel:
-            master = safe_get_local_fp32_param(param)
-            edit(master[:piece.numel], piece)
-            safe_set_local_fp32_param(param, master)
-            edit(param.ds_tensor.data.view(-1)[:piece.numel], piece)
-            if moments:
-                for key in self._moment_keys(moments, self.optimizer_keys()):
-                    state = safe_get_local_optimizer_state(param, key)
-                    edit(state[:piece.numel], piece)
-                    safe_set_local_optimizer_state(param, state, key)
-        if getattr(param, "ds_persist", False):  # persistent parameters also keep a full copy in .data
-            edit(param.data.view(-1), FlatSlice.of(_shape(param)))
+    @torch.no_grad()
+    def edit_master(self, param: torch.nn.Parameter, edit: SliceEdit, moments: bool | Sequence[str] = False) -> None:
+        """Apply ``edit`` to this rank's slice of the fp32 master and of the optimizer moments named in
+        ``moments`` only (at ZeRO-0 in fp32 the master is the module's parameter). Inside the ``after`` hook of
+        :meth:`around_master_steps` this is enough: DeepSpeed then copies the masters into the working copies."""
+        piece = self.local_slice(param)
+        if piece.numel == 0:
+            return
+        if hasattr(param, "ds_id"):
+            partition = safe_get_local_fp32_param(param)
+            master = partition[:piece.numel]
+            edit(master, piece)
+            safe_set_local_fp32_param(param, partition)
+        else:
+            master = self.master(param)
+            edit(master, piece)
+        if moments:
+            states = self._state_slices(master)
+            assert states or not self.is_partitioned(param) or not self.inner_optimizer().state, \
+                "the optimizer state of a ZeRO partition was not found"
+            for key, state in states.items():
+                if moments is True or key in moments:
+                    edit(state, piece)
+
+    def _state_slices(self, master: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-element optimizer states (e.g. exp_avg) of the elements of ``master``, a 1-D view into a
+        tensor the inner optimizer steps (a ZeRO flat partition, or the parameter itself at ZeRO-0).
+
+        Found through the optimizer's own state, so they are there from inside the first step on (DeepSpeed's
+        per-parameter links to them appear only after it).
+        """
+        address = master.untyped_storage().data_ptr()
+        for stepped, state in self.inner_optimizer().state.items():
+            if stepped.untyped_storage().data_ptr() == address:
+                start = master.storage_offset() - stepped.storage_offset()
+                return {key: value.view(-1).narrow(0, start, master.numel()) for key, value in state.items()
+                        if torch.is_tensor(value) and value.shape == stepped.shape}
+        return {}
+
+    # -- the optimizer step ----------------------------------------------------------------------------
+    def around_master_steps(self, before: Callable[[set[int]], None], after: Callable[[], None]) -> None:
+        """Call ``before(stepped)`` and ``after()`` around every step of :meth:`inner_optimizer`.
+
+        ``stepped`` holds the storage addresses (see :meth:`master_storage`) of the fp32 tensors that this step
+        updates: DeepSpeed steps one parameter group (ZeRO-1/2) or sub-group (ZeRO-3) at a time, so a hook can
+        limit itself to those. ``after`` runs before DeepSpeed copies the updated masters into the working
+        copies (and gathers them at ZeRO 1-3, persistent ZeRO-3 parameters included), so an edit of the
+        masters made there reaches every rank's working copy without any communication of its own.
+        """
+        optimizer = self.inner_optimizer()
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: before(_stepped(opt)))
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: after())
+
+    def master_storage(self, param: torch.nn.Parameter) -> int:
+        """Address of the storage behind this rank's fp32 master slice of ``param`` (0 when it owns none)."""
+        if self.local_slice(param).numel == 0:
+            return 0
+        return self.master(param).untyped_storage().data_ptr()
 
     # -- communication ---------------------------------------------------------------------------------
     def all_reduce_sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Sum same-dtype tensors over ranks in ONE collective (flatten, all-reduce, split)."""
+        """Sum same-dtype tensors over ranks in ONE collective (flatten, all-reduce, split).
+
+        The sums come back on the engine's device, also for statistics of shards offloaded to the CPU.
+        """
         if self.world_size == 1 or not tensors:
             return tensors
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+        flat = torch.cat([t.reshape(-1).to(self.device) for t in tensors])
         dist.all_reduce(flat)
         return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Rank ``src``'s value of ``tensor`` on every rank (in place)."""
+        """Rank ``src``'s value of ``tensor`` (on the engine's device) on every rank (in place)."""
+        assert tensor.device == self.device, f"broadcast of a tensor on {tensor.device}, not on {self.device}"
         if self.world_size > 1:
             dist.broadcast(tensor, src=src)
         return tensor
+
+
+def _stepped(optimizer: torch.optim.Optimizer) -> set[int]:
+    """Storage addresses of the tensors an optimizer step is about to update."""
+    return {p.untyped_storage().data_ptr() for group in optimizer.param_groups for p in group["params"]}

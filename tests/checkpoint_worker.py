@@ -1,13 +1,14 @@
 """Runs several trainings of ``neuroprune_ds.train`` in ONE distributed launch (see tests/test_checkpoint.py).
 
 Usage (under torchrun, or alone for one rank): ``python tests/checkpoint_worker.py PLAN.json``. The plan is a
-list of runs ``{"name", "config", "deepspeed", "overrides", "faults"}``; each is ``run_training`` of the real
-trainer, so a launch pays the process start and imports once. Faults are injected from here, never from the
-package: ``signal_at`` (a real SIGUSR1/SIGTERM sent to one rank after an optimizer step, or during the
-evaluation at that step), ``kill_in_save`` (SIGKILL of one rank inside a save, after the others started
-writing), ``signal_in_prune`` (a signal to one rank while head pruning is at its second block),
-``nan_grad_at`` (NaN in one rank's gradient shard at a step). Results (exit status, resume details, pruner
-masks after resume, head-pruning passes) go to ``<plan dir>/result-<name>-rank<r>.json``.
+list of runs ``{"name", "config", "deepspeed", "overrides", "faults", "guard_devices"}``; each is
+``run_training`` of the real trainer, so a launch pays the process start and imports once. Faults are
+injected from here, never from the package: ``signal_at`` (a real SIGUSR1/SIGTERM sent to one rank after an
+optimizer step, or during the evaluation at that step), ``kill_in_save`` (SIGKILL of one rank inside a save,
+after the others started writing), ``signal_in_prune`` (a signal to one rank while head pruning is at its
+second block), ``nan_grad_at`` (NaN in one rank's gradient shard at a step). ``guard_devices`` records the
+tensors the library creates without a device (tests/device_guard.py). Results (exit status, resume details,
+pruner masks after resume, head-pruning passes, those tensors) go to ``<plan dir>/result-<name>-rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -104,7 +105,14 @@ def main(plan_path: str) -> None:
         checkpoint.Preemption.check = check
         checkpoint.FiniteGuard.observe = observe
         args = train.parse_args(["--config", run["config"], "--deepspeed", run["deepspeed"], *run.get("overrides", [])])
-        code = train.run_training(args)
+        if run.get("guard_devices"):  # record tensors the library creates without a device (tests/device_guard.py)
+            from device_guard import DevicelessFactories
+
+            with DevicelessFactories() as guard:
+                code = train.run_training(args)
+            record["deviceless"] = sorted(guard.found)
+        else:
+            code = train.run_training(args)
         record["code"] = code
         import torch.distributed as dist
 

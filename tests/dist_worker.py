@@ -1,8 +1,10 @@
 """Runs NeuroPrune on a real DeepSpeed engine for several scenarios in one 2-rank launch.
 
-    torchrun --nproc_per_node 2 tests/dist_worker.py OUT.pt family:stage:dtype[:gas] ...
+    torchrun --nproc_per_node 2 tests/dist_worker.py OUT.pt family:stage:dtype[:gas][:option ...] ...
 
-For each scenario it trains the equivalence model a few steps with the pruner, then records (collectively)
+Options: ``gc`` (activation checkpointing through the trainer's switch), ``persist`` (ZeRO-3 keeps parameters
+of at most PERSIST_NUMEL elements whole on every rank: in the equivalence model the attention matrices, while
+the FFN matrices stay partitioned). For each scenario it trains the equivalence model a few steps with the pruner, then records (collectively)
 the gathered fp32 master weights, the working weights, the optimizer moments of pruned entries, the pruner's
 metrics and decisions. Rank 0 writes everything to OUT.pt; the test compares it with a single-process
 reference. A scenario that DeepSpeed cannot run records the exact exception text instead.
@@ -21,21 +23,31 @@ from deepspeed.utils import safe_get_full_optimizer_state
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import batch, equivalence_model  # noqa: E402
 
+from neuroprune_ds.arch import resolve_architecture  # noqa: E402
 from neuroprune_ds.config import NeuroPruneConfig  # noqa: E402
 from neuroprune_ds.pruner import NeuroPruner  # noqa: E402
+from neuroprune_ds.train import enable_activation_checkpointing  # noqa: E402
 
 STEPS = 4
 LR = 1e-3
 CLIP = 1.0
 NEUROPRUNE = NeuroPruneConfig(mlp_lambda=1e-2, attn_lambda=1e-2, theta=0.05, prune_every_steps=2)
+PERSIST_NUMEL = 1100  # q/o 32x32 = 1024 and k/v 16x32 persist; FFN 48x32 = 1536 and embeddings are partitioned
 
 
-def ds_config(stage: int, dtype: str, gas: int) -> dict:
+def parse(scenario: str) -> tuple[str, int, str, int, set[str]]:
+    """``family:stage:dtype[:gas][:option ...]`` -> (family, stage, dtype, gas, options)."""
+    family, stage, dtype, *rest = scenario.split(":")
+    gas = int(rest.pop(0)) if rest and rest[0].isdigit() else 1
+    return family, int(stage), dtype, gas, set(rest)
+
+
+def ds_config(stage: int, dtype: str, gas: int, persist_numel: int = 0) -> dict:
     return {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": CLIP,
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": persist_numel},
         "bf16": {"enabled": dtype == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -57,11 +69,24 @@ def moments(engine, pruner, param) -> dict:
     return {k: state[k].detach().float().clone() for k in keys}
 
 
-def run(family: str, stage: int, dtype: str, gas: int) -> dict:
+def run(family: str, stage: int, dtype: str, gas: int, options: set[str]) -> dict:
     model = equivalence_model(family)
+    if "gc" in options:
+        enable_activation_checkpointing(model)
+    # Under activation checkpointing a layer's submodules run again in the backward pass: count the calls of
+    # the first FFN input projection (a pre-hook: the recompute stops once it has what backward needs).
+    forward_calls = []
+    ffn_input = resolve_architecture(model).ffn[0].inputs[0].weight.removesuffix(".weight")
+    model.get_submodule(ffn_input).register_forward_pre_hook(lambda *_: forward_calls.append(1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage, dtype, gas))
+    persist_numel = PERSIST_NUMEL if "persist" in options else 0
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config=ds_config(stage, dtype, gas, persist_numel))
     pruner = NeuroPruner(engine, NEUROPRUNE)
+    # What stop_at_zero holds during a step (registered after the pruner's hook, so it sees the signs taken)
+    sign_bytes = []
+    pruner.access.inner_optimizer().register_step_pre_hook(lambda *_: sign_bytes.append(
+        sum(t.numel() * t.element_size() for t in pruner._signs_before_step.values())))
     rank = dist.get_rank()
     losses, penalties = [], []
     for step in range(STEPS):
@@ -75,6 +100,7 @@ def run(family: str, stage: int, dtype: str, gas: int) -> dict:
             losses.append(float(loss.detach()))
         penalties.append(dict(pruner.last_penalties))
     partitioned = {name: not pruner.access.local_slice(p).is_full for name, p in pruner.params.items()}
+    penalised = set(pruner._penalised_names())
     masked = {e[0] for b in pruner.arch.attention for e in pruner._mask_entries(b)}
     result = {
         "master": {name: pruner.access.full_fp32(p) for name, p in pruner.params.items()},
@@ -84,8 +110,14 @@ def run(family: str, stage: int, dtype: str, gas: int) -> dict:
         "summary": pruner.summary(),
         "alive": {k: v.clone() for k, v in pruner.alive.items()},
         "losses": losses,
+        "forward_calls": len(forward_calls),
         "penalties": penalties,
         "any_partitioned": any(partitioned.values()),
+        "sign_bytes_max": max(sign_bytes),
+        "penalised_numel": {"local": sum(pruner.access.local_slice(pruner.params[n]).numel for n in penalised),
+                            "full": sum(pruner.params[n].ds_numel if hasattr(pruner.params[n], "ds_id")
+                                        else pruner.params[n].numel() for n in penalised)},
+        "persistent": sorted(name for name, p in pruner.params.items() if getattr(p, "ds_persist", False)),
     }
     engine.destroy()
     return result
@@ -93,13 +125,13 @@ def run(family: str, stage: int, dtype: str, gas: int) -> dict:
 
 def main() -> None:
     out, scenarios = sys.argv[1], sys.argv[2:]
-    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=180))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"  # tools/gpu_check.py runs it on GPUs
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=180))
     torch.set_num_threads(1)
     results = {}
     for scenario in scenarios:
-        family, stage, dtype, *rest = scenario.split(":")
         try:
-            results[scenario] = run(family, int(stage), dtype, int(rest[0]) if rest else 1)
+            results[scenario] = run(*parse(scenario))
         except Exception:  # DeepSpeed cannot run this scenario here: record its exact error for the test
             results[scenario] = {"error": traceback.format_exc()}
             if dist.get_rank() == 0:

@@ -1,8 +1,9 @@
-"""Launcher -> torch.distributed environment mapping (pure logic on env dicts; no processes, no cluster)."""
+"""Launcher -> torch.distributed environment mapping (pure logic on env dicts) and the launch scripts' GPU check."""
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +172,36 @@ def test_barrier_and_exit_flushes_and_uses_status():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 7
     assert proc.stdout == "unflushed"
+
+
+# ------------------------------------------------------------------------------------------ GPU binding --
+
+NODE_OF_8 = {**SRUN_TASK1, "SLURM_NODEID": "0", "SLURM_LOCALID": "5", "SLURM_PROCID": "5", "SLURM_NTASKS": "8",
+             "SLURM_STEP_TASKS_PER_NODE": "8", "SLURM_TASKS_PER_NODE": "8"}
+
+
+@pytest.mark.parametrize("visible, local_rank", [
+    ("0,1,2,3,4,5,6,7", "5"),  # --gpus-per-node=8: every task sees the node's GPUs and takes its own index
+    ("5", "0"),                # --gpus-per-task=1 without device cgroups: its GPU, renumbered as device 0
+    ("0", "0"),                # --gpus-per-task=1 with ConstrainDevices=yes
+    (None, "5"),               # no GPUs (CPU nodes): the local task index
+])
+def test_local_rank_is_the_tasks_device_among_those_it_sees(visible, local_rank):
+    environ = dict(NODE_OF_8) if visible is None else {**NODE_OF_8, "CUDA_VISIBLE_DEVICES": visible}
+    env = D.env_from_launcher(environ, cpu_count=8)
+    assert env["LOCAL_RANK"] == local_rank and env["LOCAL_WORLD_SIZE"] == "8"
+    visible_count = len(visible.split(",")) if visible else 8
+    assert int(env["LOCAL_RANK"]) < visible_count  # a valid device ordinal: cuda:LOCAL_RANK exists
+
+
+@pytest.mark.parametrize("visible, ranks, ok", [("", 8, True), ("0,1,2,3,4,5,6,7", 8, True), ("0,1", 8, False),
+                                                ("4", 1, True)])
+def test_local_launchers_refuse_fewer_visible_gpus_than_ranks(visible, ranks, ok):
+    """launch/_common.sh (local.sh, torchrun.sh, hostfile.sh): rank r binds cuda:r of the visible GPUs."""
+    common = Path(__file__).resolve().parents[1] / "launch" / "_common.sh"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
+    done = subprocess.run(["bash", "-c", f'source "{common}"; check_visible_gpus {ranks}'], env=env,
+                          capture_output=True, text=True)
+    assert (done.returncode == 0) == ok, done.stderr
+    if not ok:
+        assert f"{ranks} ranks per node but CUDA_VISIBLE_DEVICES={visible} shows 2 GPU(s)" in done.stderr

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from neuroprune_ds.flat_slice import COL, ROW, Block, FlatSlice
@@ -124,6 +124,7 @@ def matrix_and_cuts(draw):
 
 @settings(max_examples=200, deadline=None)
 @given(matrix_and_cuts(), st.integers(0, 2**16))
+@example(((2, 8), [0, 10, 16], ROW), 5185)  # fp32 sums of the two row pieces differ from one sum by 1.2e-7
 def test_slices_decompose_the_full_computation(case, seed):
     shape, cuts, axis = case
     gen = torch.Generator().manual_seed(seed)
@@ -157,7 +158,10 @@ def test_slices_decompose_the_full_computation(case, seed):
         scaled.append(local)
         covered += end - start
     assert covered == flat.numel()
-    torch.testing.assert_close(l1, full_stats.l1)
+    # Each group's L1 is a sum of n non-negative fp32 terms, in pieces or at once: either order is within
+    # (n - 1) * 2^-24 of the exact sum (relative), so the two are within twice that of each other.
+    n = sl_full.cols if axis == ROW else sl_full.rows
+    torch.testing.assert_close(l1, full_stats.l1, rtol=2 * n * 2.0**-24, atol=0.0)
     assert torch.equal(nonzero, full_stats.nonzero)
     assert torch.equal(torch.cat(grads), full_grad)
     assert torch.equal(torch.cat(scaled), full_scaled)

@@ -207,6 +207,17 @@ def test_shipped_sbatch(slurm_cluster, probe_env, tmp_path, script):
     assert f"job {job_id} run 1 on" in log and "step exited 0" in log, log
 
 
+@pytest.mark.parametrize("visible, local_ranks", [("0,1", ["0", "1"]), ("3", ["0", "0"])])
+def test_shipped_sbatch_binds_each_task_to_a_gpu_it_sees(slurm_cluster, probe_env, tmp_path, visible, local_ranks):
+    """What SLURM shows the tasks (no GPUs here, so set by hand): all of the node's GPUs (--gpus-per-node)
+    -> LOCAL_RANK = SLURM_LOCALID; only the task's own GPU (--gpus-per-task=1) -> LOCAL_RANK 0, its device 0."""
+    env = {**probe_env, **slurm_cluster, "CUDA_VISIBLE_DEVICES": visible}
+    sbatch_wait(SBATCH_DIR / "one_node.sbatch", ENTRY_ARGS, env, tmp_path)
+    recs = records(tmp_path / "out")
+    check_world(recs, ["node1", "node1"], 2, argv=EXPECTED_ARGV)
+    assert [r["env"]["LOCAL_RANK"] for r in recs] == local_ranks
+
+
 def test_shipped_sbatch_config_from_env(slurm_cluster, probe_env, tmp_path):
     """CONFIG and DS_JSON may come from the environment instead of arguments."""
     env = {**probe_env, **slurm_cluster, "NEUROPRUNE_CONFIG": "a.yaml", "NEUROPRUNE_DS_CONFIG": "z3.json"}
