@@ -3,8 +3,8 @@
 output (``NEUROPRUNE_WRITE_ERRORS_DOC=1`` rewrites it).
 
 A case whose input ``validate`` can see must be refused by both, with the same message and exit status 2;
-``validate`` reads local data files but leaves their columns (and values) to ``train``'s set-up. Nothing is written into an output_dir whose checkpoints
-belong to another model.
+``validate`` reads local data files but leaves their columns (and values) to ``train``'s set-up. Nothing is
+written into an output_dir whose checkpoints belong to another model.
 """
 
 from __future__ import annotations
@@ -151,6 +151,9 @@ def _inputs(root: Path) -> list[dict]:
     plan.append(entry("debug_traceback", ["train"], overrides=["data.train=empty.jsonl"],
                       env={"NEUROPRUNE_DEBUG": "1"}))
     plan.append(entry("trained_after", ["snapshot"], "trained"))
+    # The shipped ZeRO-3 JSON keeps a tiny model's matrices whole on every rank (persistence threshold 1e5).
+    plan.append(entry("shipped_zero3", ["validate", "train"], deepspeed=str(REPO / "ds_configs" / "zero3_fp32.json"),
+                      overrides=["output_dir=shipped"]))
     return plan
 
 
@@ -204,6 +207,9 @@ def test_every_bad_input_is_refused_alike_by_validate_and_train_and_loses_nothin
     before, after = results["trained_before"]["snapshot"]["files"], results["trained_after"]["snapshot"]["files"]
     assert "run_config.yaml" in before and "metrics.jsonl" in before and "checkpoints/step_2/complete" in before
     assert after == before
+
+    # validate and train agree on the shipped ZeRO-3 JSON with matrices below its persistence threshold.
+    assert [results["shipped_zero3"][c]["code"] for c in ("validate", "train")] == [0, 0], results["shipped_zero3"]
 
     # resume: never in a used output_dir replaces the earlier run: keep_last counts this run's tags only.
     assert results["stale_first"]["train"]["code"] == results["stale_rerun"]["train"]["code"] == 0
