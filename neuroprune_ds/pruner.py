@@ -533,7 +533,7 @@ class NeuroPruner:
             out[f"heads_kept/{block.name}"] = float(self.alive[block.name].sum()) * block.heads_per_unit
             if block.name in self.closest_pairs:
                 out[f"heads_closest/{block.name}"], out[f"heads_theta/{block.name}"] = self.closest_pairs[block.name]
-        out["neuroprune/recovering"] = float(bool(self.config.recover_steps) and self.recovering())
+        out["neuroprune/recovering"] = float(self.recovering())
         for block, alive in self.ffn_alive(stats).items():
             out[f"ffn_alive/{block}"] = float(alive)
         return out
