@@ -8,6 +8,11 @@ task loss + penalty, exactly as if the penalty were in the loss). Head pruning g
 at a time, decides on rank 0, broadcasts, folds and masks. Pruned heads stay exactly zero in the parameters,
 the fp32 master and the optimizer moments.
 
+With ``update: decoupled`` the penalties are instead a proximal soft-threshold step on this rank's fp32
+master after ``engine.step`` (the same single all-reduce, then); ``recover_steps`` ends a run with the support
+frozen and the penalty off; ``prune_ffn_units_below`` prunes weakly connected FFN units like heads
+(docs/sparsity.md).
+
 Usage::
 
     pruner = NeuroPruner(engine, run.neuroprune)
