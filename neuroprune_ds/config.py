@@ -23,6 +23,17 @@ class NeuroPruneConfig:
     """alpha: weight of the preferential-attachment weighted L1 penalty on FFN weights."""
     attn_lambda: float = 1e-5
     """beta: weight of the l1^(1/2) group penalty on attention input dimensions across [Q, K, V]."""
+    update: str = "gradient"
+    """How the penalties enter the update. 'gradient': their subgradient is added to the gradient before the
+    optimizer step (Adam then moves a penalised weight by about lr per step whatever lambda is). 'decoupled': a
+    proximal soft-threshold step on the fp32 master right after the optimizer step, w <- sign(w) max(|w| - lr *
+    lambda * f, 0) with f the group's degree weight or attention scale (the L1 counterpart of AdamW's decoupled
+    weight decay; lambda is then the shrinkage per unit of learning rate). stop_at_zero applies to 'gradient'
+    only: the threshold itself lands weights on exact zeros. See docs/sparsity.md."""
+    recover_steps: int = 0
+    """For the final this-many optimizer steps the support is frozen and the penalty is off: penalised
+    weights with |w| < epsilon become exactly 0 (with their optimizer moments) and stay 0, so the surviving
+    weights recover from the L1 shrinkage. Structure is pruned once more when the phase starts, never in it."""
     lambda_warmup_steps: int = 0
     """Ramp both lambdas linearly from 0 over this many optimizer steps (0: no warm-up)."""
     epsilon: float = 1e-4
@@ -44,7 +55,11 @@ class NeuroPruneConfig:
     attention_kinds: list[str] = field(default_factory=lambda: ["self", "cross"])
     """Which attention blocks are penalised and head-pruned: any of 'self', 'cross'."""
     theta: float = 0.15
-    """Two heads are similar when the max |difference| of their [Q, K, V] weights is <= theta."""
+    """Two heads are similar when the max |difference| of their [Q, K, V] weights is <= theta (theta_mode)."""
+    theta_mode: str = "absolute"
+    """'absolute': theta is a distance in weight units (the paper's). 'relative': theta times the block's
+    weight scale, the largest |w| of its live units' [Q, K, V] weights, so 0 <= distance / scale <= 2 on any
+    model (independent random heads sit near 1, copies near 0)."""
     fold: str = "output_projection"
     """'output_projection': add a pruned head's output-projection columns into the head that replaces it;
     'none': drop them."""
@@ -54,6 +69,11 @@ class NeuroPruneConfig:
     """Prune heads every this many optimizer steps; 0 prunes at the end of every epoch."""
     prune_start_step: int = 0
     """No head pruning before this optimizer step."""
+    prune_ffn_units_below: float | None = None
+    """Prune an FFN unit on the head-pruning schedule when its fractional connectivity (share of its in or of
+    its out connections with |w| >= epsilon) is below this: its input rows, input biases and output column
+    are then zero in the weights, fp32 master and moments for the rest of training, and the compact export
+    removes it. None: FFN units are never pruned by rule (only all-zero units vanish at export)."""
     target_sparsity: float | None = None
     """Weight sparsity (fraction of penalised weights with |w| < epsilon) to reach; the lambdas are then
     scaled by a controller on the measured sparsity instead of being tuned by hand. None: fixed lambdas."""

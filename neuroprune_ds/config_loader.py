@@ -399,6 +399,10 @@ RULES: dict[str, Rule] = {
     "neuroprune.target_sparsity": Rule(lambda value: 0 < value < 1, "in (0, 1)"),
     "neuroprune.target_ramp_steps": _at_least(0),
     "neuroprune.controller_gain": _positive(),
+    "neuroprune.update": _one_of("gradient", "decoupled"),
+    "neuroprune.recover_steps": _at_least(0),
+    "neuroprune.theta_mode": _one_of("absolute", "relative"),
+    "neuroprune.prune_ffn_units_below": Rule(lambda value: 0 < value <= 1, "in (0, 1]"),
 }
 
 

@@ -107,10 +107,22 @@ class PruneDecision:
     """bool (num_units,): alive after this decision."""
     replaced_by: dict[int, int]
     """newly pruned unit -> the kept unit whose output projection absorbs it."""
+    closest_distance: float
+    """The smallest l_inf distance between two live units before this decision (inf with fewer than two)."""
+    theta: float
+    """The threshold the decision used, in weight units (theta itself, or theta times the weight scale)."""
+
+
+def closest_distance(distances: torch.Tensor) -> float:
+    """The smallest off-diagonal entry of a distance matrix (inf when it has fewer than two rows)."""
+    if distances.shape[0] < 2:
+        return float("inf")
+    off_diagonal = ~torch.eye(distances.shape[0], dtype=torch.bool, device=distances.device)
+    return float(distances[off_diagonal].min())
 
 
 def decide_redundant_units(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: UnitLayout,
-                           alive: torch.Tensor, theta: float) -> PruneDecision:
+                           alive: torch.Tensor, theta: float, relative: bool = False) -> PruneDecision:
     """Algorithms 2 and 3 on the units that are still alive (pruned units never come back).
 
     Args:
@@ -118,12 +130,18 @@ def decide_redundant_units(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         layout: unit geometry.
         alive: bool (num_units,) mask before this decision.
         theta: l_inf similarity threshold.
+        relative: theta is relative to the block's weight scale, the largest |w| of the live units' [Q, K, V]
+            (an l_inf norm like the distance, so distance / scale lies in [0, 2] whatever the model's scale).
     """
     alive_index = torch.nonzero(alive).flatten().tolist()
     units = unit_parameters(q.float(), k.float(), v.float(), layout)[alive_index]
-    s = similarity(linf_distances(units), theta)
+    if relative:
+        theta = theta * float(units.abs().max()) if units.numel() else 0.0
+    distances = linf_distances(units) if alive_index else units.new_zeros(0, 0)
+    closest = closest_distance(distances)
+    s = similarity(distances, theta)
     if int(s.sum()) == len(alive_index):
-        return PruneDecision(alive.clone(), {})
+        return PruneDecision(alive.clone(), {}, closest, theta)
     survivor = eliminate_redundant(find_dominating(s))
     new_alive = alive.clone()
     replaced_by = {}
@@ -131,7 +149,7 @@ def decide_redundant_units(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         if kept != local:
             new_alive[alive_index[local]] = False
             replaced_by[alive_index[local]] = alive_index[kept]
-    return PruneDecision(new_alive, replaced_by)
+    return PruneDecision(new_alive, replaced_by, closest, theta)
 
 
 def fold_output_projection(o: torch.Tensor, replaced_by: dict[int, int], layout: UnitLayout) -> torch.Tensor:

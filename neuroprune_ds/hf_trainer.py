@@ -161,6 +161,7 @@ class NeuroPruneCallback(TrainerCallback):
         _warn_on_world_size_mismatch(self.trainer)
         previous = self.pruner.state_dict() if self.pruner is not None else None
         self.pruner = attach_neuroprune(self.trainer.model_wrapped, self.config)
+        self.pruner.total_steps = state.max_steps
         if state.global_step > 0:
             self.pruner.load_state_dict(torch.load(self._resumed_state_file(args, state.global_step)))
         elif previous is not None:  # a second train() call builds a new engine: keep the masks

@@ -15,6 +15,9 @@ Formulas (HF layout; see docs/algorithm.md sections 1 and 2):
 - R_MLP = sum_i omega_i * ||group_i||_1, gradient omega_i * sign(w) (omega held constant).
 - R_att = sum_i (sqrt(g_i + delta) - sqrt(delta)), g_i = ||group_i||_1, gradient 0.5 (g_i + delta)^-1/2
   sign(w). The delta smoothing keeps the gradient finite at g_i = 0 and makes R_att(0) = 0.
+- Decoupled update (``update: decoupled``): after the optimizer step, w <- sign(w) max(|w| - t_i, 0) with
+  t_i = lr * lambda * f_i, f_i the same per-group factor (omega_i, or 0.5 (g_i + delta)^-1/2 with g_i taken
+  on the weights the optimizer step produced); see :func:`soft_threshold_` for why that is the proximal step.
 """
 
 from __future__ import annotations
@@ -123,3 +126,32 @@ def attention_penalty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: 
     """Differentiable R_att on full (out, in) q/k/v weights: one group per input dimension (column)."""
     g = q.abs().sum(dim=0) + k.abs().sum(dim=0) + v.abs().sum(dim=0)
     return (torch.sqrt(g + delta) - math.sqrt(delta)).sum()
+
+
+def soft_threshold_(local: torch.Tensor, piece: FlatSlice, threshold: torch.Tensor, axis: str) -> None:
+    """The proximal step of the penalties, in place on a local slice: w <- sign(w) * max(|w| - t[group], 0).
+
+    Why this is the proximal step (docs/sparsity.md gives the same derivation). For step size s = lr * lambda
+    the proximal map of a penalty R is prox(y) = argmin_w 1/2 ||w - y||^2 + s R(w), taken at y, the weights the
+    optimizer step produced (ISTA; AdamW's decoupled weight decay is the same construction for an L2 term).
+    - Degree-weighted L1, R = sum_i omega_i ||w_i||_1 with omega held constant: the problem separates per
+      element into 1/2 (w - y)^2 + s omega_i |w|, whose minimiser is the soft threshold at t_i = s omega_i.
+    - Attention group l1^(1/2), R = sum_i sqrt(||w_i||_1 + delta): not separable and not convex. Its KKT
+      conditions say the minimiser is a soft threshold of y with the group's own t_i = s / (2 sqrt(G_i +
+      delta)), where G_i is the minimiser's L1, a fixed point. sqrt is concave, so its tangent at g_i =
+      ||y_i||_1 majorises it: sqrt(G + delta) <= sqrt(g + delta) + (G - g) / (2 sqrt(g + delta)). Minimising the
+      majoriser is an L1 proximal problem, solved by the soft threshold at t_i = s * 0.5 / sqrt(g_i + delta)
+      (:func:`attention_group_scale` of the post-step statistics, times s). This is one majorise-minimise
+      iteration of the exact proximal map: the objective never rises above its value at y, and it differs from
+      the fixed point by a relative O(n_i t_i / g_i), the share of the group's L1 that one step removes.
+
+    Args:
+        local: this slice's weights (1-D), updated in place.
+        piece: which elements of the matrix ``local`` holds.
+        threshold: t, one value >= 0 per group of the full matrix.
+        axis: ROW (a group is a row) or COL (a column).
+    """
+    for block in piece.blocks():
+        view = block.view(local)
+        shrunk = (view.abs() - piece.group_values(threshold.to(local.dtype), block, axis)).clamp_(min=0)
+        view.copy_(shrunk.mul_(torch.sign(view)))

@@ -12,6 +12,11 @@ weights with r_ij = |g_ij| / (lambda * f_i) < scale, and the scale that reaches 
 Each rank histograms log10(r) of its shard (fixed bins, so histograms add up across ranks in the same
 all-reduce as the other statistics); the quantile is smoothed over steps, and a small bounded integral
 term removes the remaining offset between predicted and measured sparsity.
+
+With ``update: decoupled`` the penalty is not in the gradient but a soft threshold at lr * scale * lambda * f_i
+after the optimizer step. A weight then stays at (or heads to) zero when that threshold exceeds the distance
+the optimizer step moves it, |delta w_ij|, so the ratio is r_ij = |delta w_ij| / (lr * lambda * f_i): the same
+quantile rule, measured on the optimizer's own (Adam-normalised) displacement instead of the raw gradient.
 """
 
 from __future__ import annotations
@@ -44,10 +49,15 @@ def add_ratio_histogram_(hist: torch.Tensor, grad: torch.Tensor, piece: FlatSlic
         inverse_penalty: 1 / (lambda * f) per group.
         stride: sampling stride.
     """
-    local_index = torch.arange(0, grad.numel(), stride, device=grad.device)
-    flat_index = local_index + piece.offset
+    add_sampled_ratio_histogram_(hist, grad[::stride].abs(), piece, axis, inverse_penalty, stride)
+
+
+def add_sampled_ratio_histogram_(hist: torch.Tensor, magnitude: torch.Tensor, piece: FlatSlice, axis: str,
+                                 inverse_penalty: torch.Tensor, stride: int = SAMPLE_STRIDE) -> None:
+    """As :func:`add_ratio_histogram_`, given ``magnitude`` = |x|[::stride] of a local shard x already sampled."""
+    flat_index = torch.arange(0, magnitude.numel(), device=magnitude.device) * stride + piece.offset
     group = flat_index // piece.cols if axis == ROW else flat_index % piece.cols
-    ratio = grad[local_index].abs().double() * inverse_penalty.to(grad.device)[group]
+    ratio = magnitude.double() * inverse_penalty.to(magnitude.device)[group]
     position = (torch.log10(ratio).clamp_(LOG_MIN, LOG_MAX) - LOG_MIN) * (BINS / (LOG_MAX - LOG_MIN))
     hist += torch.bincount(position.long().clamp_(0, BINS - 1), minlength=BINS).to(hist)
 

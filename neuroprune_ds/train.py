@@ -180,6 +180,7 @@ def setup(args: argparse.Namespace) -> Session:
         from neuroprune_ds.pruner import NeuroPruner
 
         pruner = NeuroPruner(engine, run.neuroprune)
+        pruner.total_steps = total_steps
     timings["setup/pruner_s"] = time.perf_counter() - started - sum(timings.values())
 
     logger = MetricsLogger(run.output_dir, enabled=rank == 0)

@@ -1,6 +1,6 @@
 """Runs NeuroPrune on a real DeepSpeed engine for several scenarios in one 2-rank launch.
 
-    torchrun --nproc_per_node 2 tests/dist_worker.py OUT.pt family:stage:dtype[:gas][:option ...] ...
+    torchrun --nproc_per_node 2 tests/dist_worker.py OUT.pt family:stage:dtype[:gas][:option ...][@variant] ...
 
 Options: ``gc`` (activation checkpointing through the trainer's switch), ``persist`` (ZeRO-3 keeps parameters
 of at most PERSIST_NUMEL elements whole on every rank: in the equivalence model the attention matrices, while
@@ -33,13 +33,25 @@ LR = 1e-3
 CLIP = 1.0
 NEUROPRUNE = NeuroPruneConfig(mlp_lambda=1e-2, attn_lambda=1e-2, theta=0.05, prune_every_steps=2)
 PERSIST_NUMEL = 1100  # q/o 32x32 = 1024 and k/v 16x32 persist; FFN 48x32 = 1536 and embeddings are partitioned
+# Decoupled proximal steps of lr * lambda * f (2e-3 for a fully connected FFN unit) zero about a third of the
+# weights in 3 steps (init std 0.02). The connectivity thresholds prune a few FFN units (LLaMA 4 and 3, OPT 13
+# of 96) at steps 2 and 3; step 4 recovers. Theta 0.4 relative is ~0.04 here (largest |w| ~0.1).
+VARIANTS = {
+    "": NEUROPRUNE,
+    "decoupled": NeuroPruneConfig(update="decoupled", mlp_lambda=2.0, attn_lambda=2.0, theta=0.4,
+                                  theta_mode="relative", prune_every_steps=2, prune_ffn_units_below=0.6,
+                                  recover_steps=1),
+    "gradient_recovery": NeuroPruneConfig(mlp_lambda=1e-2, attn_lambda=1e-2, theta=0.05, prune_every_steps=2,
+                                          prune_ffn_units_below=0.75, recover_steps=1),
+}
 
 
-def parse(scenario: str) -> tuple[str, int, str, int, set[str]]:
-    """``family:stage:dtype[:gas][:option ...]`` -> (family, stage, dtype, gas, options)."""
-    family, stage, dtype, *rest = scenario.split(":")
+def parse(scenario: str) -> tuple[str, int, str, int, set[str], str]:
+    """``family:stage:dtype[:gas][:option ...][@variant]`` -> (family, stage, dtype, gas, options, variant)."""
+    head, _, variant = scenario.partition("@")
+    family, stage, dtype, *rest = head.split(":")
     gas = int(rest.pop(0)) if rest and rest[0].isdigit() else 1
-    return family, int(stage), dtype, gas, set(rest)
+    return family, int(stage), dtype, gas, set(rest), variant
 
 
 def ds_config(stage: int, dtype: str, gas: int, persist_numel: int = 0) -> dict:
@@ -69,7 +81,7 @@ def moments(engine, pruner, param) -> dict:
     return {k: state[k].detach().float().clone() for k in keys}
 
 
-def run(family: str, stage: int, dtype: str, gas: int, options: set[str]) -> dict:
+def run(family: str, stage: int, dtype: str, gas: int, options: set[str], variant: str = "") -> dict:
     model = equivalence_model(family)
     if "gc" in options:
         enable_activation_checkpointing(model)
@@ -82,14 +94,18 @@ def run(family: str, stage: int, dtype: str, gas: int, options: set[str]) -> dic
     persist_numel = PERSIST_NUMEL if "persist" in options else 0
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=ds_config(stage, dtype, gas, persist_numel))
-    pruner = NeuroPruner(engine, NEUROPRUNE)
+    pruner = NeuroPruner(engine, VARIANTS[variant])
+    pruner.total_steps = STEPS
     # What stop_at_zero holds during a step (registered after the pruner's hook, so it sees the signs taken)
     sign_bytes = []
     pruner.access.inner_optimizer().register_step_pre_hook(lambda *_: sign_bytes.append(
         sum(t.numel() * t.element_size() for t in pruner._signs_before_step.values())))
     rank = dist.get_rank()
-    losses, penalties = [], []
+    losses, penalties, support_at_recovery = [], [], None
     for step in range(STEPS):
+        if pruner.config.recover_steps and step == STEPS - pruner.config.recover_steps:
+            support_at_recovery = {name: pruner.access.full_fp32(pruner.params[name]) != 0
+                                   for name in pruner._penalised_names()}
         for micro in range(gas):
             inputs = {k: v.to(engine.device) for k, v in batch(family, step, rank, micro).items()}
             loss = engine(**inputs).loss
@@ -102,6 +118,7 @@ def run(family: str, stage: int, dtype: str, gas: int, options: set[str]) -> dic
     partitioned = {name: not pruner.access.local_slice(p).is_full for name, p in pruner.params.items()}
     penalised = set(pruner._penalised_names())
     masked = {e[0] for b in pruner.arch.attention for e in pruner._mask_entries(b)}
+    masked |= {e[0] for b in pruner.arch.ffn for e in pruner._ffn_mask_entries(b)} | set(pruner._penalised_names())
     result = {
         "master": {name: pruner.access.full_fp32(p) for name, p in pruner.params.items()},
         "working": {name: gathered_working(engine, p) for name, p in pruner.params.items()},
@@ -109,6 +126,9 @@ def run(family: str, stage: int, dtype: str, gas: int, options: set[str]) -> dic
         "metrics": pruner.metrics(),
         "summary": pruner.summary(),
         "alive": {k: v.clone() for k, v in pruner.alive.items()},
+        "ffn_kept": {k: v.clone() for k, v in pruner.ffn_kept.items()},
+        "support_at_recovery": support_at_recovery,
+        "closest_pairs": dict(pruner.closest_pairs),
         "losses": losses,
         "forward_calls": len(forward_calls),
         "penalties": penalties,

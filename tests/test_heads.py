@@ -2,6 +2,7 @@
 
 import itertools
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -109,3 +110,23 @@ def test_on_every_graph_of_five_units_each_pruned_unit_is_replaced_by_a_kept_nei
         survivor = eliminate_redundant(find_dominating(s))
         for i, j in enumerate(survivor):
             assert survivor[j] == j and s[i, j] == 1
+
+
+def test_relative_theta_scales_with_the_weights_and_the_closest_pair_is_reported():
+    """Three units of one parameter each: 0 and 1 are 0.2 apart, 2 is 0.8 from 1; the largest |w| is 1.0."""
+    layout = UnitLayout(num_units=3, heads_per_unit=1, head_dim=1)
+    q = torch.tensor([[0.0], [0.2], [1.0]])
+    k = v = torch.zeros(3, 1)
+    alive = torch.ones(3, dtype=torch.bool)
+    absolute = decide_redundant_units(q, k, v, layout, alive, theta=0.15)
+    assert absolute.replaced_by == {} and absolute.theta == 0.15
+    assert absolute.closest_distance == pytest.approx(0.2)
+    relative = decide_redundant_units(q, k, v, layout, alive, theta=0.25, relative=True)  # 0.25 * 1.0
+    assert relative.replaced_by == {0: 1} and relative.theta == pytest.approx(0.25)
+    # the same heads at 10x the scale: the absolute decision changes, the relative one does not
+    scaled = decide_redundant_units(10 * q, k, v, layout, alive, theta=0.25, relative=True)
+    assert scaled.replaced_by == {0: 1} and scaled.theta == pytest.approx(2.5)
+    assert scaled.closest_distance == pytest.approx(2.0)
+    assert decide_redundant_units(10 * q, k, v, layout, alive, theta=0.25).replaced_by == {}
+    one_left = decide_redundant_units(q, k, v, layout, torch.tensor([False, False, True]), theta=0.15)
+    assert one_left.closest_distance == float("inf") and one_left.replaced_by == {}

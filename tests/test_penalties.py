@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from neuroprune_ds.flat_slice import COL, ROW, Block, FlatSlice
 from neuroprune_ds.penalties import (GroupMember, add_penalty_grad_, attention_group_scale, attention_penalty,
                                      attention_penalty_value, degree_weights, group_stats, mlp_penalty,
-                                     mlp_penalty_value)
+                                     mlp_penalty_value, soft_threshold_)
 
 
 def full(weight, axis):
@@ -175,3 +175,48 @@ def test_one_dimensional_tensors_are_columns():
     sl.scale_(local, keep, ROW)
     assert local.tolist() == [-0.0, 0.0]
     assert math.isclose(float(sl.group_sums(bias[1:].abs(), ROW).sum()), 2.0)
+
+
+# ---- the decoupled mode's proximal step --------------------------------------------------------------
+def test_soft_threshold_by_hand_per_row_and_per_column():
+    w = torch.tensor([[0.3, -0.05, 0.0], [-0.2, 0.15, 1.0]])
+    rows = w.flatten().clone()
+    soft_threshold_(rows, FlatSlice.of(w.shape), torch.tensor([0.1, 0.5]), ROW)
+    torch.testing.assert_close(rows.view(2, 3), torch.tensor([[0.2, 0.0, 0.0], [0.0, 0.0, 0.5]]))
+    cols = w.flatten().clone()
+    soft_threshold_(cols, FlatSlice.of(w.shape), torch.tensor([0.25, 0.0, 2.0]), COL)
+    torch.testing.assert_close(cols.view(2, 3), torch.tensor([[0.05, -0.05, 0.0], [0.0, 0.15, 0.0]]))
+
+
+def test_soft_threshold_on_slices_equals_the_full_matrix():
+    torch.manual_seed(0)
+    w = torch.randn(5, 7)
+    for axis, threshold in ((ROW, torch.rand(5)), (COL, torch.rand(7))):
+        expected = w.flatten().clone()
+        soft_threshold_(expected, FlatSlice.of(w.shape), threshold, axis)
+        for start, end in ((0, 9), (9, 23), (23, 35)):
+            piece = w.flatten()[start:end].clone()
+            soft_threshold_(piece, FlatSlice.of(w.shape, start, end - start), threshold, axis)
+            assert torch.equal(piece, expected[start:end])
+
+
+def test_attention_proximal_step_by_hand_and_it_descends():
+    """One group y = (3, -1, 0.5), step s = 1, delta = 0: g = 4.5, t = 0.5 / sqrt(4.5) = 0.2357."""
+    y = torch.tensor([[3.0], [-1.0], [0.5]])  # (out = 3, in = 1): one attention input dimension
+    stats = group_stats([full(y, COL)], epsilon=1e-4)
+    t = attention_group_scale(stats, delta=0.0)
+    assert float(t) == pytest.approx(0.5 / math.sqrt(4.5))
+    w = y.flatten().clone()
+    soft_threshold_(w, FlatSlice.of(y.shape), t, COL)
+    assert w.tolist() == pytest.approx([3 - 0.2357023, -(1 - 0.2357023), 0.5 - 0.2357023], abs=1e-6)
+
+    def objective(a):  # 1/2 ||a - y||^2 + s sqrt(||a||_1): the proximal problem
+        return 0.5 * float(((a - y.flatten()) ** 2).sum()) + math.sqrt(float(a.abs().sum()))
+
+    assert objective(w) < objective(y.flatten())
+    # the exact proximal point is the fixed point G = sum max(|y| - 1 / (2 sqrt G), 0); one step is close to it
+    g = 4.5
+    for _ in range(50):
+        g = float((y.abs() - 0.5 / math.sqrt(g)).clamp(min=0).sum())
+    exact = torch.sign(y.flatten()) * (y.flatten().abs() - 0.5 / math.sqrt(g)).clamp(min=0)
+    assert objective(exact) <= objective(w) <= objective(exact) + 1e-2

@@ -34,7 +34,11 @@ FAMILIES = ["llama", "opt", "t5", "bart"]
 SCENARIOS = ([f"{f}:{s}:fp32" for f in FAMILIES for s in range(4)] + [f"{f}:3:bf16" for f in FAMILIES]
              + ["llama:1:bf16", "llama:2:bf16", "llama:2:fp32:2", "t5:3:fp32:2"]
              + [f"{f}:3:fp32:gc" for f in ("llama", "t5")]
-             + ["llama:3:fp32:persist", "t5:3:fp32:persist", "llama:3:bf16:persist"])
+             + ["llama:3:fp32:persist", "t5:3:fp32:persist", "llama:3:bf16:persist"]
+             # decoupled proximal steps, FFN unit pruning, relative theta, recovery (see dist_worker.VARIANTS)
+             + [f"llama:{s}:fp32@decoupled" for s in range(4)] + ["llama:3:bf16@decoupled", "opt:3:fp32@decoupled"]
+             + ["llama:0:fp32@gradient_recovery", "llama:3:fp32@gradient_recovery"])
+RECOVERING = [s for s in SCENARIOS if "@" in s]
 UNSUPPORTED = "llama:0:bf16"  # DeepSpeed's FP16_Optimizer hides the fp32 master: the pruner must refuse it
 pytestmark = pytest.mark.dist
 
@@ -56,15 +60,21 @@ def omega(counts_mean: torch.Tensor) -> torch.Tensor:
     return 1.0 / counts_mean.clamp(min=W.NEUROPRUNE.c_min)
 
 
-def reference_penalties(params, arch):
+def degree_weights_of(params, block, cfg):
+    """omega of the in group (rows of the concatenated inputs) and of the out group (columns of the output)."""
+    inputs = torch.cat([params[i.weight] for i in block.inputs], dim=1).detach()
+    out = params[block.output.weight].detach()
+    return (omega((inputs.abs() >= cfg.epsilon).double().mean(dim=1)).float(),
+            omega((out.abs() >= cfg.epsilon).double().mean(dim=0)).float())
+
+
+def reference_penalties(params, arch, cfg=W.NEUROPRUNE):
     """R_MLP and R_att written directly as autograd expressions on full weights."""
-    cfg = W.NEUROPRUNE
     r_mlp, r_att = 0.0, 0.0
     for block in arch.ffn:
         inputs = torch.cat([params[i.weight] for i in block.inputs], dim=1)
         out = params[block.output.weight]
-        w_in = omega((inputs.detach().abs() >= cfg.epsilon).double().mean(dim=1)).float()
-        w_out = omega((out.detach().abs() >= cfg.epsilon).double().mean(dim=0)).float()
+        w_in, w_out = degree_weights_of(params, block, cfg)
         r_mlp = r_mlp + (w_in * inputs.abs().sum(dim=1)).sum() + (w_out * out.abs().sum(dim=0)).sum()
     for block in arch.attention:
         g = sum(params[lin.weight].abs().sum(dim=0) for lin in (block.q, block.k, block.v))
@@ -94,63 +104,141 @@ def block_params(block):
     return names
 
 
-def reference_run(family: str, gas: int, ranks: int = 2) -> dict:
-    """One process training on the batches of ``ranks`` data-parallel ranks (tools/gpu_check.py uses 1)."""
-    cfg = W.NEUROPRUNE
+def ffn_entries(block, kept, param_name):
+    """Boolean mask (param shape) of the entries that belong to pruned FFN units."""
+    dead = ~kept
+    if param_name == block.output.weight:
+        return dead.unsqueeze(0).expand(block.output.out_features, -1)
+    for linear in block.inputs:
+        if param_name == linear.weight:
+            return dead.unsqueeze(1).expand(-1, linear.in_features)
+        if param_name == linear.bias:
+            return dead
+    raise KeyError(param_name)
+
+
+def ffn_params(block):
+    return [block.output.weight] + [n for lin in block.inputs for n in [lin.weight] + ([lin.bias] if lin.bias else [])]
+
+
+def soft_threshold(weight, threshold):
+    return torch.sign(weight) * (weight.abs() - threshold).clamp(min=0)
+
+
+def reference_run(family: str, gas: int, variant: str = "", ranks: int = 2) -> dict:
+    """One process training on the batches of ``ranks`` data-parallel ranks (tools/gpu_check.py uses 1), the
+    run written plainly on full weights: penalties as autograd losses (gradient mode) or as soft
+    thresholds after the step (decoupled mode), masks by boolean indexing, the recovery phase's frozen zeros."""
+    cfg = W.VARIANTS[variant]
     model = equivalence_model(family)
     arch = resolve_architecture(model, cfg)
     params = dict(model.named_parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=W.LR, weight_decay=0.01)
     alive = {b.name: torch.ones(b.num_units, dtype=torch.bool) for b in arch.attention}
-
-    def apply_masks(grads: bool):
-        for block in arch.attention:
-            for name in block_params(block):
-                dead = pruned_entries(block, alive[block.name], name)
-                if grads:
-                    params[name].grad[dead] = 0
-                else:
-                    params[name].data[dead] = 0
-                    for state in optimizer.state[params[name]].values():
-                        if state.dim() > 0:
-                            state[dead] = 0
-
+    ffn_kept = {b.name: torch.ones(b.width, dtype=torch.bool) for b in arch.ffn}
     penalised = ([lin.weight for b in arch.ffn for lin in (*b.inputs, b.output)]
                  + [lin.weight for b in arch.attention for lin in (b.q, b.k, b.v)])
-    penalties, decisions, crossings = [], {}, 0
+
+    def masked_entries():
+        for block in arch.attention:
+            for name in block_params(block):
+                yield name, pruned_entries(block, alive[block.name], name)
+        for block in arch.ffn:
+            for name in ffn_params(block):
+                yield name, ffn_entries(block, ffn_kept[block.name], name)
+
+    def zero_weights_and_moments(name, dead):
+        params[name].data[dead] = 0
+        for state in optimizer.state[params[name]].values():
+            if state.dim() > 0:
+                state[dead] = 0
+
+    def apply_masks(grads: bool):
+        for name, dead in masked_entries():
+            if grads:
+                params[name].grad[dead] = 0
+            else:
+                zero_weights_and_moments(name, dead)
+
+    def prune():
+        with torch.no_grad():
+            for block in arch.attention:
+                layout = UnitLayout(block.num_units, block.heads_per_unit, block.head_dim)
+                q, k, v = (params[lin.weight] for lin in (block.q, block.k, block.v))
+                decision = decide_redundant_units(q, k, v, layout, alive[block.name], cfg.theta,
+                                                  relative=cfg.theta_mode == "relative")
+                closest[block.name] = (decision.closest_distance, decision.theta)
+                if decision.replaced_by:
+                    o = params[block.o.weight]
+                    o.copy_(fold_output_projection(o, decision.replaced_by, layout))
+                    alive[block.name] = decision.alive
+                    decisions.setdefault(block.name, {}).update(decision.replaced_by)
+            apply_masks(grads=False)
+            for block in arch.ffn if cfg.prune_ffn_units_below is not None else []:
+                inputs = torch.cat([params[i.weight] for i in block.inputs], dim=1)
+                c_in = (inputs.abs() >= cfg.epsilon).double().mean(dim=1)
+                c_out = (params[block.output.weight].abs() >= cfg.epsilon).double().mean(dim=0)
+                weak = ffn_kept[block.name] & ((c_in < cfg.prune_ffn_units_below) | (c_out < cfg.prune_ffn_units_below))
+                ffn_kept[block.name] = ffn_kept[block.name] & ~weak
+                ffn_pruned[block.name] = ffn_pruned.get(block.name, 0) + int(weak.sum())
+            apply_masks(grads=False)
+
+    recovery_start = W.STEPS - cfg.recover_steps if cfg.recover_steps else None
+    penalties, decisions, ffn_pruned, closest, crossings, prox_zeros = [], {}, {}, {}, 0, 0
     for step in range(W.STEPS):
+        recovering = recovery_start is not None and step >= recovery_start
         optimizer.zero_grad()
         for rank in range(ranks):
             for micro in range(gas):
                 (model(**batch(family, step, rank, micro)).loss / (ranks * gas)).backward()
-        r_mlp, r_att = reference_penalties(params, arch)
-        (cfg.mlp_lambda * r_mlp + cfg.attn_lambda * r_att).backward()
-        penalties.append({"mlp": float(r_mlp.detach()), "attn": float(r_att.detach())})
+        r_mlp, r_att = reference_penalties(params, arch, cfg)
+        if recovering:
+            penalties.append({"mlp": 0.0, "attn": 0.0})
+        else:
+            penalties.append({"mlp": float(r_mlp.detach()), "attn": float(r_att.detach())})
+        if cfg.update == "gradient" and not recovering:
+            (cfg.mlp_lambda * r_mlp + cfg.attn_lambda * r_att).backward()
         apply_masks(grads=True)
+        if recovering:
+            for name in penalised:
+                params[name].grad[params[name].detach() == 0] = 0
         torch.nn.utils.clip_grad_norm_(model.parameters(), W.CLIP)
         signs = {name: torch.sign(params[name].detach()) for name in penalised}
+        omegas = {b.name: degree_weights_of(params, b, cfg) for b in arch.ffn}  # of the weights before the step
         optimizer.step()
-        with torch.no_grad():  # stop_at_zero: a step that crosses zero lands on exactly 0, first moment cleared
-            for name in penalised:
-                crossed = signs[name] * torch.sign(params[name]) < 0
-                params[name][crossed] = 0
-                optimizer.state[params[name]]["exp_avg"][crossed] = 0
-                crossings += int(crossed.sum())
-        apply_masks(grads=False)
-        if (step + 1) % cfg.prune_every_steps == 0:
-            with torch.no_grad():
+        with torch.no_grad():
+            if cfg.update == "gradient" and not recovering:
+                for name in penalised:  # stop_at_zero: a step across zero lands on exactly 0, first moment cleared
+                    crossed = signs[name] * torch.sign(params[name]) < 0
+                    params[name][crossed] = 0
+                    optimizer.state[params[name]]["exp_avg"][crossed] = 0
+                    crossings += int(crossed.sum())
+            elif not recovering:  # decoupled: w <- sign(w) max(|w| - lr lambda f, 0) on the weights after the step
+                for block in arch.ffn:
+                    w_in, w_out = omegas[block.name]
+                    for linear in block.inputs:
+                        weight = params[linear.weight]
+                        weight.copy_(soft_threshold(weight, W.LR * cfg.mlp_lambda * w_in.unsqueeze(1)))
+                    out = params[block.output.weight]
+                    out.copy_(soft_threshold(out, W.LR * cfg.mlp_lambda * w_out.unsqueeze(0)))
                 for block in arch.attention:
-                    layout = UnitLayout(block.num_units, block.heads_per_unit, block.head_dim)
-                    q, k, v = (params[lin.weight] for lin in (block.q, block.k, block.v))
-                    decision = decide_redundant_units(q, k, v, layout, alive[block.name], cfg.theta)
-                    if decision.replaced_by:
-                        o = params[block.o.weight]
-                        o.copy_(fold_output_projection(o, decision.replaced_by, layout))
-                        alive[block.name] = decision.alive
-                        decisions.setdefault(block.name, {}).update(decision.replaced_by)
-                apply_masks(grads=False)
+                    g = sum(params[lin.weight].abs().sum(dim=0) for lin in (block.q, block.k, block.v))
+                    scale = 0.5 / torch.sqrt(g + cfg.delta)
+                    for lin in (block.q, block.k, block.v):
+                        weight = params[lin.weight]
+                        weight.copy_(soft_threshold(weight, W.LR * cfg.attn_lambda * scale.unsqueeze(0)))
+                prox_zeros = sum(int((params[name] == 0).sum()) for name in penalised)
+        apply_masks(grads=False)
+        if recovery_start is not None and step + 1 == recovery_start:
+            prune()
+            with torch.no_grad():
+                for name in penalised:
+                    zero_weights_and_moments(name, params[name].abs() < cfg.epsilon)
+        elif (step + 1) % cfg.prune_every_steps == 0 and not (recovering or step + 1 == recovery_start):
+            prune()
     return {"params": {k: v.detach().clone() for k, v in params.items()}, "alive": alive, "arch": arch,
-            "penalties": penalties, "decisions": decisions, "crossings": crossings}
+            "penalties": penalties, "decisions": decisions, "crossings": crossings, "ffn_kept": ffn_kept,
+            "ffn_pruned": ffn_pruned, "prox_zeros": prox_zeros, "closest": closest}
 
 
 def reference_metrics(ref) -> dict:
@@ -179,10 +267,10 @@ _REFERENCES = {}
 
 
 def reference(scenario):
-    family, _, _, gas, _ = W.parse(scenario)
-    if (family, gas) not in _REFERENCES:
-        _REFERENCES[family, gas] = reference_run(family, gas)
-    return _REFERENCES[family, gas]
+    family, _, _, gas, _, variant = W.parse(scenario)
+    if (family, gas, variant) not in _REFERENCES:
+        _REFERENCES[family, gas, variant] = reference_run(family, gas, variant)
+    return _REFERENCES[family, gas, variant]
 
 
 def result_of(ds_results, scenario):
@@ -196,7 +284,7 @@ def result_of(ds_results, scenario):
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_weights_equal_reference(ds_results, scenario):
     result, ref = result_of(ds_results, scenario), reference(scenario)
-    stage = int(scenario.split(":")[1])
+    stage = W.parse(scenario)[1]
     assert result["any_partitioned"] == (stage > 0 or "bf16" in scenario), "shards were not really partitioned"
     if "bf16" not in scenario:
         for name, ref_value in ref["params"].items():
@@ -206,7 +294,7 @@ def test_weights_equal_reference(ds_results, scenario):
             torch.testing.assert_close(result["master"][name], ref_value, rtol=0, atol=atol,
                                        msg=lambda m: f"{name}: {m}")
         return
-    init = dict(equivalence_model(scenario.split(":")[0]).named_parameters())
+    init = dict(equivalence_model(W.parse(scenario)[0]).named_parameters())
     for name, ref_value in ref["params"].items():
         diff = float((result["master"][name] - ref_value).abs().max())
         assert diff <= 2 * W.LR * W.STEPS, f"{name}: max |diff| {diff}"
@@ -314,3 +402,57 @@ def test_activation_checkpointing_recomputes_and_changes_nothing(ds_results, fam
 def test_the_reference_exercises_stop_at_zero(family):
     """Some penalised weights cross zero in the 4 steps, so the weight comparison above checks the clamp."""
     assert reference(f"{family}:0:fp32")["crossings"] > 0
+
+
+@pytest.mark.parametrize("scenario", RECOVERING)
+def test_ffn_units_pruned_and_exactly_zero_like_the_reference(ds_results, scenario):
+    result, ref = result_of(ds_results, scenario), reference(scenario)
+    assert sum(ref["ffn_pruned"].values()), "the connectivity threshold should have pruned some FFN units"
+    for block in ref["arch"].ffn:
+        kept = result["ffn_kept"][block.name]
+        assert kept.tolist() == ref["ffn_kept"][block.name].tolist(), block.name
+        summary = next(f for f in result["summary"]["ffn"] if f["name"] == block.name)
+        assert summary["pruned_units"] == int((~kept).sum())
+        for name in ffn_params(block):
+            dead = ffn_entries(block, kept, name)
+            assert torch.count_nonzero(result["master"][name][dead]) == 0, f"fp32 master {name}"
+            assert torch.count_nonzero(result["working"][name][dead]) == 0, f"working copy {name}"
+            for key, moment in result["moments"][name].items():
+                assert torch.count_nonzero(moment[dead]) == 0, f"optimizer {key} of {name}"
+
+
+@pytest.mark.parametrize("scenario", RECOVERING)
+def test_recovery_freezes_the_support_and_its_moments(ds_results, scenario):
+    """The last step's zeros are those chosen when recovery started, and they carry no optimizer state;
+    the other weights did move (the step was not skipped)."""
+    result, ref = result_of(ds_results, scenario), reference(scenario)
+    support = result["support_at_recovery"]
+    moved = 0
+    for name, was_nonzero in support.items():
+        now_nonzero = result["master"][name] != 0
+        # heads/units pruned and sub-epsilon weights zeroed when the phase started: the support only shrinks then
+        assert not bool((now_nonzero & ~was_nonzero).any()), f"{name}: a zero came back during recovery"
+        differs = now_nonzero != (ref["params"][name] != 0)
+        if "bf16" in scenario:  # only where a weight is within the bf16 bound of test_weights_equal_reference of 0
+            differs &= ref["params"][name].abs() > 2 * W.LR * W.STEPS
+        assert not bool(differs.any()), f"{name}: support differs from the reference's"
+        for key, moment in result["moments"][name].items():
+            assert torch.count_nonzero(moment[~now_nonzero]) == 0, f"optimizer {key} of frozen zeros of {name}"
+        moved += int(now_nonzero.sum())
+    assert moved and result["penalties"][-1] == {"mlp": 0.0, "attn": 0.0}
+    assert result["metrics"]["neuroprune/recovering"] == 1.0
+
+
+@pytest.mark.parametrize("scenario", [s for s in RECOVERING if "decoupled" in s])
+def test_decoupled_steps_make_exact_zeros_and_report_the_closest_heads(ds_results, scenario):
+    result, ref = result_of(ds_results, scenario), reference(scenario)
+    assert ref["prox_zeros"] > 0 and ref["crossings"] == 0  # zeros from the threshold, none from stop_at_zero
+    tolerance = 2 * W.LR * W.STEPS if "bf16" in scenario else 1e-6
+    for block in ref["arch"].attention:
+        closest, theta = result["closest_pairs"][block.name]  # of the last decision (when recovery started)
+        assert (closest, theta) == pytest.approx(ref["closest"][block.name], abs=tolerance)
+        assert closest > theta, "the planted pair went at step 2; the heads left are farther apart"
+        assert result["metrics"][f"heads_theta/{block.name}"] == theta
+        assert result["metrics"][f"heads_closest/{block.name}"] == closest
+        summary = next(a for a in result["summary"]["attention"] if a["name"] == block.name)
+        assert (summary["closest_distance"], summary["theta"]) == (closest, theta)
