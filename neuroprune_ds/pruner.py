@@ -301,8 +301,12 @@ class NeuroPruner:
         """Before the optimizer updates the masters in ``stepped``: the signs of the penalised slices among them.
 
         One byte per element of this rank's fp32 master slices that this (sub-)group step updates, dropped
-        after it: never more than this rank's shard, whatever the ZeRO stage.
+        after it: never more than this rank's shard, whatever the ZeRO stage. Not while recovering: the
+        penalty is off then and zeros are frozen instead.
         """
+        if self.recovering():
+            self._signs_before_step = {}
+            return
         self._signs_before_step = {
             name: torch.sign(self.access.master(self.params[name])).to(torch.int8) for name in self._penalised_names()
             if self.access.master_storage(self.params[name]) in stepped}

@@ -356,10 +356,11 @@ def test_metrics_equal_reference(ds_results, scenario):
     assert result["penalties"][-1]["attn"] == pytest.approx(ref["penalties"][-1]["attn"], rel=tolerance)
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if not s.endswith("@decoupled")])
 def test_stop_at_zero_holds_one_byte_per_element_of_this_ranks_shard_at_most(ds_results, scenario):
     """The signs stop_at_zero keeps are sized by this rank's fp32 master shard (a sub-group of it at a
-    time), not by the working copy, which at ZeRO 1-2 is the whole model."""
+    time), not by the working copy, which at ZeRO 1-2 is the whole model. (The decoupled mode keeps none:
+    its soft threshold makes exact zeros by itself.)"""
     result = result_of(ds_results, scenario)
     sizes = result["penalised_numel"]
     assert 0 < result["sign_bytes_max"] <= sizes["local"]
