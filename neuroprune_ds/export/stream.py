@@ -4,7 +4,8 @@ forward and dropped right after, so a forward pass holds one module's weights at
 This is how the converter computes logits of a model of any size, both of the masked checkpoint and of the
 written export, without a full copy of either: the model is an empty skeleton (parameters on the meta
 device, buffers real, as ``accelerate.init_empty_weights`` builds it) and ``fetch`` reads a tensor by name.
-Every module of the supported families reads its own parameters only inside its own ``forward``.
+Every module of the supported families reads its own parameters only inside its own ``forward`` (other
+modules' parameters at most for their dtype, which stays fp32).
 """
 
 from __future__ import annotations
@@ -73,5 +74,9 @@ def _releaser(names: list[str]):
 
 
 def _release(module: torch.nn.Module, names: list[str]) -> None:
+    """Parameters back to the meta device, fp32: modules that read a dtype from another module's weight
+    (T5's FFN casts to ``wo.weight.dtype``) see the dtype the pass computes in."""
     for name in names:
-        module._parameters[name] = torch.nn.Parameter(module._parameters[name].to("meta"), requires_grad=False)
+        meta = module._parameters[name].to("meta")
+        meta = meta.float() if meta.is_floating_point() else meta
+        module._parameters[name] = torch.nn.Parameter(meta, requires_grad=False)
