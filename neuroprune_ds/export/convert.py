@@ -471,20 +471,21 @@ def _verify(out_dir: str, task: str, batch: dict, reference: torch.Tensor, expec
     model = empty_model(AutoConfig.from_pretrained(out_dir), task)
     state = model.state_dict()
     names, parameter_names = unique_names(model)
-    with ExportFiles(out_dir) as files:
-        if set(files.shapes) != set(names):
-            raise ValueError(f"verification failed: the export's files hold {sorted(set(files.shapes) - set(names))[:4]} "
-                             f"beyond its model and lack {sorted(set(names) - set(files.shapes))[:4]}")
-        wrong = [n for n in names if files.shapes[n] != tuple(state[n].shape)]
-        if wrong:
-            raise ValueError(f"verification failed: {wrong[0]} is stored as {files.shapes[wrong[0]]}, its model "
-                             f"expects {tuple(state[wrong[0]].shape)}")
-        parameters = sum(math.prod(files.shapes[n]) for n in parameter_names)
-        if parameters != expected_parameters:
-            raise ValueError(f"verification failed: the export loads with {parameters:,} parameters, "
-                             f"expected {expected_parameters:,}")
-        aliases = tied_names(model)
-        diff = float((streamed_logits(model, lambda n: files.get(aliases.get(n, n)), batch) - reference).abs().max())
+    files = ExportFiles(out_dir)
+    if set(files.shapes) != set(names):
+        extra, lacking = sorted(set(files.shapes) - set(names)), sorted(set(names) - set(files.shapes))
+        raise ValueError(f"verification failed: the export's files hold {extra[:4]} beyond its model and lack "
+                         f"{lacking[:4]}")
+    wrong = [n for n in names if files.shapes[n] != tuple(state[n].shape)]
+    if wrong:
+        raise ValueError(f"verification failed: {wrong[0]} is stored as {files.shapes[wrong[0]]}, its model "
+                         f"expects {tuple(state[wrong[0]].shape)}")
+    parameters = sum(math.prod(files.shapes[n]) for n in parameter_names)
+    if parameters != expected_parameters:
+        raise ValueError(f"verification failed: the export loads with {parameters:,} parameters, "
+                         f"expected {expected_parameters:,}")
+    aliases = tied_names(model)
+    diff = float((streamed_logits(model, lambda n: files.get(aliases.get(n, n)), batch) - reference).abs().max())
     if not diff <= atol:
         raise ValueError(f"verification failed: max |logits(export) - logits(masked model)| = {diff:.3g} > "
                          f"{atol:.3g} (weights {dtype_name(dtype)}, logits in fp32)")
@@ -492,28 +493,31 @@ def _verify(out_dir: str, task: str, batch: dict, reference: torch.Tensor, expec
 
 
 class ExportFiles:
-    """The safetensors files of an export directory, opened for reading one tensor at a time."""
+    """The safetensors files of an export directory, read one tensor at a time.
+
+    Each read opens the file anew: a ``safe_open`` handle keeps its file mapped, and every mapped page read
+    stays in this process's resident set until the mapping goes (reading a whole export through one handle
+    would end with the export resident).
+    """
 
     def __init__(self, out_dir: str):
         index = os.path.join(out_dir, SAFE_WEIGHTS_INDEX_NAME)
         if os.path.isfile(index):
             with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+                files = sorted(set(json.load(f)["weight_map"].values()))
         else:
-            weight_map = None
-        files = sorted(set(weight_map.values())) if weight_map else [SAFE_WEIGHTS_NAME]
-        self._handles = {f: safe_open(os.path.join(out_dir, f), "pt") for f in files}
-        self._file = {name: f for f, handle in self._handles.items() for name in handle.keys()}
-        self.shapes = {name: tuple(self._handles[f].get_slice(name).get_shape()) for name, f in self._file.items()}
+            files = [SAFE_WEIGHTS_NAME]
+        self._file, self.shapes = {}, {}
+        for file in files:
+            path = os.path.join(out_dir, file)
+            with safe_open(path, "pt") as handle:
+                for name in handle.keys():
+                    self._file[name] = path
+                    self.shapes[name] = tuple(handle.get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._file[name]].get_tensor(name)
-
-    def __enter__(self) -> "ExportFiles":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handles.clear()
+        with safe_open(self._file[name], "pt") as handle:
+            return handle.get_tensor(name)
 
 
 def _write_neuroprune_json(out_dir: str, report: ExportReport, plan: ExportPlan, neuroprune_settings: dict,
