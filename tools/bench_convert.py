@@ -46,7 +46,10 @@ def make_checkpoint(args: argparse.Namespace, ckpt_dir: str) -> None:
                                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
                                       num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
                                       max_position_embeddings=2048)
-    ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": args.stage},
+    # small communication buckets: the checkpoint, not DeepSpeed's buffers, is what this measures
+    ds_config = {"train_micro_batch_size_per_gpu": 1,
+                 "zero_optimization": {"stage": args.stage, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7,
+                                       "stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e8},
                  "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     keep_alive = HfDeepSpeedConfig(ds_config) if args.stage == 3 else None  # noqa: F841 (zero.Init while alive)
     torch.manual_seed(0)
