@@ -162,8 +162,9 @@ def verification_batch(config: PreTrainedConfig, task: str) -> dict[str, torch.T
 
 
 class MaskedWeights(Mapping):
-    """name -> a new fp32 tensor of the masked weights: pruned units zeroed and, with a threshold, every
-    weight of a penalised matrix below it; read from ``weights`` on each access (nothing is kept)."""
+    """name -> the fp32 tensor of the masked weights: pruned units zeroed and, with a threshold, every
+    weight of a penalised matrix below it; read from ``weights`` on each access (nothing is kept). A tensor
+    that masking changes is a copy; others (embeddings, norms) come as ``weights`` gives them: do not modify."""
 
     def __init__(self, weights: Fetch, names: list[str], arch: ResolvedArchitecture,
                  alive: Mapping[str, torch.Tensor], threshold: float | None):
@@ -175,8 +176,11 @@ class MaskedWeights(Mapping):
         """Largest |w| of a penalised matrix seen so far, after unit masking and before the threshold."""
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        tensor = self._weights(name).clone()
+        tensor = self._weights(name)
         penalised = name in self._penalised
+        if name not in self._rules and not (penalised and self.threshold is not None):
+            return tensor
+        tensor = tensor.clone()
         mask_tensor_(tensor, self._rules.get(name, []), None)
         if penalised and self.threshold is not None:
             self.largest = max(self.largest, float(tensor.abs().max()) if tensor.numel() else 0.0)
