@@ -252,3 +252,16 @@ def test_refuses_a_threshold_out_of_range(run_dir, tmp_path, value, message):
                              "--threshold", value)
     assert status == cli.EXIT_INVALID and message in err and not (tmp_path / "out").exists(), err
     assert not math.isnan(float(value)) or "nan" in err
+
+
+@pytest.mark.parametrize("scenario", ["llama:0:fp32", "llama:2:fp32", "llama:3:fp32"])
+def test_iter_fp32_weights_reads_the_master_weights(checkpoints, exports, scenario):
+    from neuroprune_ds.export.checkpoint import iter_fp32_weights, read_checkpoint
+
+    info = read_checkpoint(W.scenario_dir(str(checkpoints), scenario))
+    names = ["model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.up_proj.weight"]
+    weights = dict(iter_fp32_weights(info, names))
+    exported = load_weights(exports[scenario, "dense"]["dir"])  # the masks leave these untouched
+    for name in names:
+        assert weights[name].dtype == torch.float32 and not weights[name].requires_grad
+        assert torch.equal(weights[name], exported[name]), name

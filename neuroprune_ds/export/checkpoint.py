@@ -226,7 +226,8 @@ def _open_zero_checkpoint(info: CheckpointInfo) -> dict:
 def _materialise(lazy, ds_dir: str) -> torch.Tensor:
     """The fp32 tensor of a checkpoint entry in private memory; hands back the mapped file pages it came from."""
     if not isinstance(lazy, torch.Tensor):  # zero_to_fp32.GatheredTensor: slices of every rank's mapped shards
-        tensor = lazy.contiguous()
+        with torch.no_grad():  # the shards were saved as parameters: the gathered tensor needs no graph
+            tensor = lazy.contiguous()
         for rank_groups in lazy.flat_groups:
             for group in rank_groups:
                 release_file_pages(group, ds_dir)
