@@ -179,7 +179,9 @@ def add_convert(subparsers: argparse._SubParsersAction) -> None:
         "beside it) to OUT_DIR. 'dense' keeps the stock architecture with pruned weights exactly zero; "
         "'compact' removes pruned heads and dead FFN units (per-layer sizes, model code shipped in OUT_DIR and "
         "registered through auto_map). The export is written to a temporary directory, its logits are checked "
-        "against the masked model's (max |diff| <= 1e-4, fp32), and it is then renamed to OUT_DIR. "
+        "against the masked model's (weights rounded to the export dtype, both in fp32: max |diff| <= 1e-4), and "
+        "it is then renamed to OUT_DIR. Weights are read, written and checked one tensor at a time (peak memory "
+        "a few times the largest tensor, not the model). "
         f"Exits 0 on success, {EXIT_INVALID} on errors a user can fix.")
     parser.add_argument("ckpt_dir", metavar="CKPT_DIR", help="DeepSpeed checkpoint directory (holds 'latest')")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the Hugging Face model")
@@ -188,8 +190,14 @@ def add_convert(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--no-verify", action="store_true", help="skip the logits and parameter-count check")
     parser.add_argument("--threshold", nargs="?", type=parse_threshold, const="epsilon", metavar="EPS",
-                        help="first set penalised weights with |w| < EPS to 0 (EPS defaults to the run's "
-                        "neuroprune.epsilon)")
+                        help="first set penalised weights with |w| < EPS to 0 (EPS: a finite number >= 0, below "
+                        "the largest |w|; defaults to the run's neuroprune.epsilon)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                        help="dtype of the written weights (default: the dtype the run trained in, from its "
+                        "DeepSpeed config: bf16/fp16 when enabled, else fp32)")
+    parser.add_argument("--allow-incomplete", action="store_true",
+                        help="export a tag without the trainer's 'complete' marker (a save that may have died "
+                        "half-way, or a checkpoint not written by the trainer)")
     parser.set_defaults(run=run_convert)
 
 

@@ -329,8 +329,15 @@ def make_report(directory: Path, out_dir: Path | None = None, run_dir: Path | No
             distribution (default: the export's base model, when it is a local directory).
 
     Raises:
-        ValueError: ``directory`` holds neither file, or ``dense_dir`` is given for a run directory.
+        ValueError: ``directory`` holds neither file, ``dense_dir`` is given for a run directory, ``out_dir``
+            is a file, or ``run_dir`` is not a directory with ``metrics.jsonl``.
     """
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; give a directory to write the report in")
+    if run_dir is not None and not (run_dir / METRICS_FILE).is_file():
+        what = "has no " + METRICS_FILE if run_dir.is_dir() else "is not a directory"
+        raise ValueError(f"--run {run_dir} {what}; give the run's output directory (where the trainer writes "
+                         f"{METRICS_FILE})")
     if (directory / EXPORT_FILE).is_file():
         pruning = read_export(directory / EXPORT_FILE)
     elif (directory / RUN_SUMMARY_FILE).is_file():

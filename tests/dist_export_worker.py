@@ -6,7 +6,7 @@ Per scenario: the equivalence model (planted redundant heads; layer 1 made to di
 keep different heads) trains a few steps with the pruner (heads are pruned on the way); then a few FFN units
 are killed through the pruner's ZeRO access layer (input rows or output column exactly zero, as a hard
 threshold at the end of a run leaves them), and the engine saves OUT_DIR/<scenario>/ per the checkpoint
-contract (client state, config.json beside the tags). Rank 0 also
+contract (client state, config.json beside the tags, the ``complete`` marker). Rank 0 also
 records the logits of the masked model (the gathered fp32 master weights in a plain HF model) on
 ``reference_batch`` in OUT_DIR/<scenario>/reference.pt, for the test to compare exports with.
 """
@@ -26,6 +26,7 @@ from export_helpers import export_inputs  # noqa: E402
 from tiny_models import MODEL_CLASSES, batch, equivalence_model  # noqa: E402
 
 from neuroprune_ds.arch import resolve_architecture  # noqa: E402
+from neuroprune_ds.checkpoint import COMPLETE  # noqa: E402
 from neuroprune_ds.config import NeuroPruneConfig  # noqa: E402
 from neuroprune_ds.flat_slice import COL, ROW  # noqa: E402
 from neuroprune_ds.pruner import NeuroPruner  # noqa: E402
@@ -104,6 +105,9 @@ def run(out_dir: str, scenario: str) -> None:
     client_state = {"neuroprune": pruner.state_dict(), "neuroprune_config": dataclasses.asdict(NEUROPRUNE),
                     "model": {"name_or_path": f"tiny-{family}", "task": TASKS[family], "num_labels": 2}}
     engine.save_checkpoint(ckpt_dir, tag=f"step{STEPS}", client_state=client_state)
+    dist.barrier()
+    if rank == 0:  # the trainer's marker that every rank's files are on disk
+        open(os.path.join(ckpt_dir, f"step{STEPS}", COMPLETE), "w").close()
     master = {name: pruner.access.full_fp32(p) for name, p in pruner.params.items()}  # collective
     if rank == 0:
         engine.module.config.save_pretrained(ckpt_dir)

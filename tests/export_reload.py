@@ -13,8 +13,10 @@ import sys
 import traceback
 
 REPO = os.path.realpath(os.path.join(os.path.dirname(__file__), os.pardir))
-# the editable install puts the repository on sys.path: take it (and the working directory) off
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != REPO]
+# the editable install puts a checkout of the repository on sys.path (this one, or another sharing the
+# environment): take off every entry holding the package, and the working directory
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != REPO
+               and not os.path.isdir(os.path.join(p or os.getcwd(), "neuroprune_ds"))]
 assert importlib.util.find_spec("neuroprune_ds") is None, "neuroprune_ds is importable in the reload process"
 
 import torch  # noqa: E402

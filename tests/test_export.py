@@ -30,6 +30,7 @@ from neuroprune_ds.export.checkpoint import release_file_pages
 from neuroprune_ds.export.convert import export_model
 from neuroprune_ds.export.plan import AttentionKeep, apply_masks_, ffn_keep, relative_bias_keep
 from neuroprune_ds.export.safetensors_stream import TensorSpec, write_safetensors
+from neuroprune_ds.export.stream import streamed_logits
 from tiny_models import tiny_model
 
 TASKS = {"llama": "causal_lm", "mistral": "causal_lm", "qwen2": "causal_lm", "opt": "causal_lm", "t5": "seq2seq",
@@ -311,6 +312,32 @@ def test_streamed_safetensors_round_trip(tmp_path):
     assert names[-1] == "model.safetensors.index.json" and len(names) > 2
     loaded = {k: v for f in names[:-1] for k, v in load_file(str(tmp_path / f)).items()}
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "t5", "bart", "bert"])
+def test_streamed_forward_equals_the_model_and_holds_one_module_at_a_time(family):
+    """An empty skeleton fed tensor by tensor gives the model's logits, and at no moment holds more fetched
+    weights than the largest module's own parameters."""
+    model = tiny_model(family).eval()
+    inputs = inputs_for(family)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    largest = max(sum(p.numel() * 4 for p in m.parameters(recurse=False)) for m in model.modules())
+    skeleton = convert_module.empty_model(model.config, TASKS[family])
+    buffers = set(dict(skeleton.named_buffers()))
+    peak = [0]
+
+    def fetch(name):
+        held = sum(p.numel() * 4 for m in skeleton.modules() for p in m._parameters.values()
+                   if p is not None and not p.is_meta)
+        peak[0] = max(peak[0], held + (0 if name in buffers else state[name].numel() * 4))
+        return state[name].clone()
+
+    logits = streamed_logits(skeleton, fetch, inputs)
+    assert torch.allclose(logits, expected, atol=1e-6, rtol=0)
+    assert 0 < peak[0] <= largest, (peak[0], largest)
+    assert all(p.is_meta for p in skeleton.parameters())
 
 
 # -- behaviour of the converter -------------------------------------------------------------------------

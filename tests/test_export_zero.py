@@ -11,12 +11,16 @@ and the compact parameter count the one computed by hand from the masks.
 import contextlib
 import io
 import json
+import math
 import os
+import shutil
+import stat
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import dist_export_worker as W
 from export_helpers import AUTO_CLASS, expected_parameters, reload_in_fresh_process
@@ -62,7 +66,8 @@ def exports(checkpoints, tmp_path_factory):
         family = family_of(scenario)
         for fmt in FORMATS:
             out = str(root / f"{os.path.basename(ckpt)}_{fmt}")
-            status, stdout, stderr = convert(ckpt, out, "--format", fmt)
+            # exact fp32 master weights (a bf16 run exports bf16 by default: see test_export_dtype_...)
+            status, stdout, stderr = convert(ckpt, out, "--format", fmt, "--dtype", "fp32")
             done[scenario, fmt] = {"status": status, "stdout": stdout, "stderr": stderr, "dir": out}
             jobs.append({"dir": out, "auto_class": AUTO_CLASS[W.TASKS[family]], "trust_remote_code": fmt == "compact",
                          "inputs": W.reference_batch(family),
@@ -141,3 +146,122 @@ def test_threshold_and_the_tools_wrapper(checkpoints, tmp_path):
     status, _, err = convert(ckpt, str(tmp_path / "epsilon"), "--format", "dense", "--threshold")
     with open(tmp_path / "epsilon" / "neuroprune.json") as f:
         assert status == 0 and json.load(f)["threshold"] == W.NEUROPRUNE.epsilon, err
+
+
+def load_weights(export_dir: str) -> dict[str, torch.Tensor]:
+    weights = {}
+    for name in os.listdir(export_dir):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(export_dir, name), "pt") as handle:
+                weights.update({key: handle.get_tensor(key) for key in handle.keys()})
+    return weights
+
+
+@pytest.mark.parametrize(("scenario", "fmt", "option", "dtype"), [
+    ("opt:3:bf16", "compact", None, torch.bfloat16),        # the run's dtype is the default
+    ("llama:3:fp32", "compact", None, torch.float32),
+    ("llama:3:fp32", "dense", "fp16", torch.float16),
+    ("t5:3:fp32", "compact", "bf16", torch.bfloat16)])
+def test_export_dtype_rounds_the_fp32_export_and_verifies(checkpoints, exports, tmp_path, scenario, fmt, option,
+                                                          dtype):
+    """Every floating tensor is the fp32 export's rounded to the dtype, config.json says so, and the
+    converter's own check passes against the masked model rounded alike."""
+    out = str(tmp_path / "out")
+    status, stdout, stderr = convert(W.scenario_dir(str(checkpoints), scenario), out, "--format", fmt,
+                                     *(["--dtype", option] if option else []))
+    assert status == 0, stderr
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    assert f"weights {name}" in stdout and "verification: max |logits diff|" in stdout, stdout
+    reference = load_weights(exports[scenario, fmt]["dir"])
+    written = load_weights(out)
+    assert written.keys() == reference.keys()
+    for key, tensor in written.items():
+        expected = reference[key].to(dtype) if reference[key].is_floating_point() else reference[key]
+        assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), key
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["dtype"] == str(dtype).removeprefix("torch.")
+    with open(os.path.join(out, "neuroprune.json")) as f:
+        record = json.load(f)
+    assert record["dtype"] == name and record["verification"]["max_abs_diff"] <= record["verification"]["atol"]
+
+
+@pytest.fixture
+def run_dir(checkpoints, tmp_path):
+    """A run directory as the trainer leaves it: RUN/checkpoints (a copy of a real one) and metrics.jsonl."""
+    run = tmp_path / "run"
+    shutil.copytree(W.scenario_dir(str(checkpoints), "llama:3:fp32"), run / "checkpoints")
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    return run
+
+
+def snapshot(directory) -> dict[str, int]:
+    return {os.path.relpath(os.path.join(root, f), directory): os.path.getsize(os.path.join(root, f))
+            for root, _, files in os.walk(directory) for f in files}
+
+
+def test_overwrite_never_removes_the_checkpoint_or_what_holds_it(run_dir):
+    before = snapshot(run_dir)
+    ckpt = str(run_dir / "checkpoints")
+    for out, reason in ((str(run_dir), "contains the checkpoint"), (ckpt, "is the checkpoint"),
+                        (str(run_dir / "checkpoints" / f"step{W.STEPS}"), "lies inside the checkpoint")):
+        status, stdout, err = convert(ckpt, out, "--format", "dense", "--overwrite")
+        assert status == cli.EXIT_INVALID and reason in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(run_dir) == before
+
+
+def test_export_directory_has_normal_permissions(run_dir, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        status, _, err = convert(str(run_dir / "checkpoints"), str(tmp_path / "out"), "--format", "compact")
+    finally:
+        os.umask(umask)
+    assert status == 0, err
+    assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o755
+
+
+def test_refuses_an_incomplete_tag_unless_allowed(run_dir, tmp_path):
+    ckpt = run_dir / "checkpoints"
+    (ckpt / f"step{W.STEPS}" / "complete").unlink()
+    status, _, err = convert(str(ckpt), str(tmp_path / "out"), "--format", "dense")
+    assert status == cli.EXIT_INVALID and f"'step{W.STEPS}' has no 'complete' marker" in err
+    assert "--allow-incomplete" in err and not (tmp_path / "out").exists()
+    status, _, err = convert(str(ckpt), str(tmp_path / "out"), "--format", "dense", "--allow-incomplete")
+    assert status == 0, err
+
+
+def test_names_a_truncated_shard(run_dir, tmp_path):
+    shard = next((run_dir / "checkpoints" / f"step{W.STEPS}").glob("*optim_states.pt"))
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    status, _, err = convert(str(run_dir / "checkpoints"), str(tmp_path / "out"), "--format", "dense")
+    assert status == cli.EXIT_INVALID and str(shard) in err and "truncated or corrupt" in err, err
+
+
+def test_hints_the_checkpoint_directory(run_dir, tmp_path):
+    status, _, err = convert(str(run_dir), str(tmp_path / "out"), "--format", "dense")
+    assert status == cli.EXIT_INVALID and f"convert {run_dir / 'checkpoints'}" in err, err
+    status, _, err = convert(str(run_dir / "checkpoints" / f"step{W.STEPS}"), str(tmp_path / "out"), "--format",
+                             "dense")
+    assert status == cli.EXIT_INVALID and f"--tag step{W.STEPS}" in err, err
+
+
+@pytest.mark.parametrize(("value", "message"), [("-1", "finite number >= 0"), ("nan", "finite number >= 0"),
+                                                ("1e9", "zeroes every penalised weight")])
+def test_refuses_a_threshold_out_of_range(run_dir, tmp_path, value, message):
+    status, _, err = convert(str(run_dir / "checkpoints"), str(tmp_path / "out"), "--format", "dense",
+                             "--threshold", value)
+    assert status == cli.EXIT_INVALID and message in err and not (tmp_path / "out").exists(), err
+    assert not math.isnan(float(value)) or "nan" in err
+
+
+@pytest.mark.parametrize("scenario", ["llama:0:fp32", "llama:2:fp32", "llama:3:fp32"])
+def test_iter_fp32_weights_reads_the_master_weights(checkpoints, exports, scenario):
+    from neuroprune_ds.export.checkpoint import iter_fp32_weights, read_checkpoint
+
+    info = read_checkpoint(W.scenario_dir(str(checkpoints), scenario))
+    names = ["model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.up_proj.weight"]
+    weights = dict(iter_fp32_weights(info, names))
+    exported = load_weights(exports[scenario, "dense"]["dir"])  # the masks leave these untouched
+    for name in names:
+        assert weights[name].dtype == torch.float32 and not weights[name].requires_grad
+        assert torch.equal(weights[name], exported[name]), name

@@ -183,6 +183,17 @@ def test_cli_report_exit_status(export, tmp_path, capsys):
     assert "neither neuroprune.json" in capsys.readouterr().err
 
 
+def test_cli_report_names_an_out_that_is_a_file_and_a_run_pointing_nowhere(export, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["report", str(export["dir"]), "--out", str(tmp_path / "file")]) == 2
+    assert f"--out {tmp_path / 'file'} is a file" in capsys.readouterr().err
+    assert cli.main(["report", str(export["dir"]), "--run", str(tmp_path / "nowhere")]) == 2
+    assert f"--run {tmp_path / 'nowhere'} is not a directory" in capsys.readouterr().err
+    assert cli.main(["report", str(export["dir"]), "--run", str(tmp_path)]) == 2
+    assert "has no metrics.jsonl" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "x"
+
+
 def test_report_of_a_real_compact_export(tmp_path):
     """The exporter's own neuroprune.json and compact weights (kept units removed) read back exactly."""
     convert = pytest.importorskip("neuroprune_ds.export.convert")

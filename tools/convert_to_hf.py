@@ -1,7 +1,8 @@
 """Convert a pruned NeuroPrune DeepSpeed checkpoint to a Hugging Face model; the same as ``neuroprune convert``.
 
     python tools/convert_to_hf.py CKPT_DIR OUT_DIR --format dense|compact [--tag TAG] [--overwrite]
-                                  [--no-verify] [--threshold [EPS]]
+                                  [--no-verify] [--threshold [EPS]] [--dtype bf16|fp16|fp32]
+                                  [--allow-incomplete]
 
 See ``neuroprune convert --help``.
 """

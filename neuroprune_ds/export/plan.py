@@ -29,11 +29,41 @@ def penalised_weights(arch: ResolvedArchitecture) -> list[str]:
     return names + [lin.weight for b in arch.ffn for lin in (*b.inputs, b.output)]
 
 
+def mask_rules(arch: ResolvedArchitecture, alive: Mapping[str, torch.Tensor]) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    """parameter name -> (axis, 0/1 keep vector along it) that zero the pruned units: their q/k/v rows and
+    biases and o columns.
+
+    Args:
+        alive: bool (num_units,) per attention block name; blocks not listed keep every unit.
+    """
+    rules: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for block in arch.attention:
+        if block.name not in alive or bool(alive[block.name].all()):
+            continue
+        layout = _layout(block)
+        q_keep, kv_keep = layout.q_keep(alive[block.name]), layout.kv_keep(alive[block.name])
+        for linear, keep in ((block.q, q_keep), (block.k, kv_keep), (block.v, kv_keep)):
+            rules.setdefault(linear.weight, []).append((ROWS, keep))
+            if linear.bias:
+                rules.setdefault(linear.bias, []).append((ROWS, keep))
+        rules.setdefault(block.o.weight, []).append((COLS, q_keep))
+    return rules
+
+
 @torch.no_grad()
+def mask_tensor_(tensor: torch.Tensor, rules: list[tuple[int, torch.Tensor]], threshold: float | None) -> None:
+    """Apply one parameter's ``rules`` (see :func:`mask_rules`) in place, then, when ``threshold`` is set (for
+    a penalised matrix), zero every weight with |w| < threshold."""
+    for axis, keep in rules:
+        tensor.mul_(keep.unsqueeze(1) if axis == ROWS and tensor.dim() == 2 else keep)
+    if threshold is not None:
+        tensor.masked_fill_(tensor.abs() < threshold, 0.0)
+
+
 def apply_masks_(params: Mapping[str, torch.Tensor], arch: ResolvedArchitecture, alive: Mapping[str, torch.Tensor],
                  threshold: float | None = None) -> None:
-    """Zero pruned units in place: their q/k/v rows and biases and o columns; then, when ``threshold`` is set,
-    every weight of a penalised matrix with |w| < threshold.
+    """Zero pruned units in place (:func:`mask_rules`); then, when ``threshold`` is set, every weight of a
+    penalised matrix with |w| < threshold.
 
     Args:
         params: full fp32 tensors by parameter name.
@@ -41,19 +71,10 @@ def apply_masks_(params: Mapping[str, torch.Tensor], arch: ResolvedArchitecture,
         alive: bool (num_units,) per attention block name; blocks not listed keep every unit.
         threshold: the hard threshold epsilon, or None for none.
     """
-    for block in arch.attention:
-        if block.name not in alive or bool(alive[block.name].all()):
-            continue
-        layout = _layout(block)
-        q_keep, kv_keep = layout.q_keep(alive[block.name]), layout.kv_keep(alive[block.name])
-        for linear, keep in ((block.q, q_keep), (block.k, kv_keep), (block.v, kv_keep)):
-            params[linear.weight].mul_(keep.unsqueeze(1))
-            if linear.bias:
-                params[linear.bias].mul_(keep)
-        params[block.o.weight].mul_(q_keep.unsqueeze(0))
-    if threshold is not None:
-        for name in penalised_weights(arch):
-            params[name].masked_fill_(params[name].abs() < threshold, 0.0)
+    rules = mask_rules(arch, alive)
+    penalised = set(penalised_weights(arch)) if threshold is not None else set()
+    for name in set(rules) | penalised:
+        mask_tensor_(params[name], rules.get(name, []), threshold if name in penalised else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,13 +246,22 @@ def compact_shape(name: str, shape: torch.Size, selections: Mapping[str, tuple[i
     return torch.Size(len(index) if i == axis else n for i, n in enumerate(shape))
 
 
-def sparsity(arch: ResolvedArchitecture, params: Mapping[str, torch.Tensor], plan: ExportPlan,
-             epsilon: float) -> dict[str, float]:
+@dataclass(slots=True)
+class SparsityCount:
     """Weight sparsity (|w| < epsilon) and structural sparsity (what the compact export removes) of the
-    penalised matrices of ``arch`` (docs/algorithm.md section 7)."""
-    names = penalised_weights(arch)
-    selections = plan.selections()
-    total = sum(params[n].numel() for n in names)
-    small = sum(int((params[n].abs() < epsilon).sum()) for n in names)
-    removed = sum(params[n].numel() - compact_shape(n, params[n].shape, selections).numel() for n in names)
-    return {"weight_sparsity": small / max(total, 1), "structural_sparsity": removed / max(total, 1)}
+    penalised matrices of an architecture (docs/algorithm.md section 7), counted one tensor at a time."""
+
+    epsilon: float
+    total: int = 0
+    small: int = 0
+    removed: int = 0
+
+    def add(self, masked: torch.Tensor, kept_numel: int) -> None:
+        """Count one penalised matrix: its masked weights and the size the compact export keeps of it."""
+        self.total += masked.numel()
+        self.small += int((masked.abs() < self.epsilon).sum())
+        self.removed += masked.numel() - kept_numel
+
+    def figures(self) -> dict[str, float]:
+        total = max(self.total, 1)
+        return {"weight_sparsity": self.small / total, "structural_sparsity": self.removed / total}
