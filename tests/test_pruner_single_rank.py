@@ -153,6 +153,7 @@ def test_pruned_ffn_units_are_masked_recorded_and_removed_by_the_compact_export(
     import dataclasses
     import json
 
+    from neuroprune_ds.checkpoint import COMPLETE
     from neuroprune_ds.export.convert import convert
 
     model = equivalence_model("llama")
@@ -180,6 +181,7 @@ def test_pruned_ffn_units_are_masked_recorded_and_removed_by_the_compact_export(
         "neuroprune": state, "neuroprune_config": dataclasses.asdict(config),
         "model": {"name_or_path": "tiny-llama", "task": "causal_lm", "num_labels": 2}})
     engine.module.config.save_pretrained(str(ckpt))
+    (ckpt / "step0" / COMPLETE).touch()  # the trainer's mark of a finished save, which convert requires
     report = convert(str(ckpt), str(tmp_path / "compact"), "compact")  # verifies logits against the masked model
     record = json.loads((tmp_path / "compact" / "neuroprune.json").read_text())
     assert [f["kept_units"] for f in record["ffn"]] == [47, 47]
