@@ -304,7 +304,7 @@ class NeuroPruner:
         after it: never more than this rank's shard, whatever the ZeRO stage. Not while recovering: the
         penalty is off then and zeros are frozen instead.
         """
-        if self.recovering():
+        if not self.config.enabled or self.recovering():  # switched off after construction: the hooks stay
             self._signs_before_step = {}
             return
         self._signs_before_step = {

@@ -2,11 +2,15 @@
 
     python tools/bench_overhead.py [--steps 8] [--layers 16] [--stages 0 1 2 3]
 
-A LLaMA-config model of >= 50M parameters (random weights, fp32) trains on random tokens. In one engine per
-stage, steps alternate between plain DeepSpeed (pruner disabled) and DeepSpeed + NeuroPrune, so machine
-noise hits both alike; the first two steps of each kind are warm-up and not timed. Reported per stage:
-median step time of each, their ratio, and the bytes NeuroPrune all-reduces per step against the bytes of
-the gradients DeepSpeed reduces per step. The last line is `overhead_zero3=<ratio> comm_fraction=<ratio>`.
+A LLaMA-config model of >= 50M parameters (random weights, fp32) trains on random tokens with the settings
+users run: the degree-weighted penalty, ``stop_at_zero`` and a ``target_sparsity`` (the controller and its
+ratio histogram). In one engine per stage, steps alternate between plain DeepSpeed (pruner disabled) and
+DeepSpeed + NeuroPrune, so machine noise hits both alike; the first two steps of each kind are warm-up and
+not timed. Reported per stage: median step time of each, their ratio, the bytes NeuroPrune all-reduces per
+step against the bytes of the gradients DeepSpeed reduces per step, and what the pruner adds to one step
+(``after_backward``, its optimizer-step hooks and ``after_step``; counted on rank 0 as the difference
+between a step with and a step without it): aten ops (kernel launches plus views) and host syncs, each per
+decoder layer. The last line is `overhead_zero3=<ratio> comm_fraction=<ratio>`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,87 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten.masked_select",
+            "aten._unique2", "aten.unique_consecutive")
+"""Aten ops whose result needs device values on the host (.item(), float/bool/int of a tensor, nonzero ...)."""
+
+
+class _DispatchCounter(TorchDispatchMode):
+    def __init__(self, counts: Counter):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        self.counts["aten_ops"] += 1
+        self.counts["views" if func.is_view else "kernels"] += 1
+        if name in SYNC_OPS:
+            self.counts["syncs"] += 1
+        elif name == "aten._to_copy" and _leaves_device(args[0], kwargs):
+            self.counts["syncs"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _leaves_device(tensor, kwargs) -> bool:
+    target = (kwargs or {}).get("device")
+    return target is not None and torch.device(target).type == "cpu" and tensor.device.type != "cpu"
+
+
+class _TolistCounter(TorchFunctionMode):
+    """``Tensor.tolist`` reads the host copy without an aten op on CPU (on GPUs it is a device-to-host copy)."""
+
+    def __init__(self, counts: Counter):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.tolist:
+            self.counts["syncs"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class OpCounter:
+    """Counts the aten ops (``aten_ops``; of them ``kernels`` and ``views``) and the host syncs (``syncs``) run
+    inside the ``with`` block, in ``self.counts``."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self._modes = (_TolistCounter(self.counts), _DispatchCounter(self.counts))
+
+    def __enter__(self) -> OpCounter:
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+
+def pruner_step_counts(engine, pruner, batch: dict) -> Counter:
+    """What the pruner adds to one training step: the counts of a step with it minus those of one without.
+
+    Forward and backward are not counted (the pruner does not touch them); ``after_backward``, the optimizer
+    step (which runs the pruner's ``stop_at_zero`` hooks) and ``after_step`` are. The pruner must have stepped
+    once already (its controller then histograms, as in every later step).
+    """
+    counts = {}
+    for enabled in (False, True):
+        pruner.config.enabled = enabled
+        engine.backward(engine(**batch).loss)
+        with OpCounter() as counter:
+            pruner.after_backward()
+            engine.step()
+            pruner.after_step()
+        counts[enabled] = counter.counts
+    counts[True].subtract(counts[False])
+    return counts[True]
 
 
 def worker(args) -> None:
@@ -47,7 +132,7 @@ def worker(args) -> None:
                      "zero_optimization": {"stage": stage}}
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        pruner = NeuroPruner(engine, NeuroPruneConfig(mlp_lambda=1e-5, attn_lambda=1e-5, prune_heads=False))
+        pruner = NeuroPruner(engine, NeuroPruneConfig(target_sparsity=0.5, target_ramp_steps=20))
         sent = []
         reduce = pruner.access.all_reduce_sum
 
@@ -72,7 +157,10 @@ def worker(args) -> None:
             dist.barrier()
             if step >= 4:
                 times[with_pruner].append(time.perf_counter() - start)
-        results[stage] = {"params": n_params, "plain_s": statistics.median(times[False]),
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen)
+        counts = pruner_step_counts(engine, pruner, {"input_ids": ids, "labels": ids})
+        results[stage] = {"aten_ops": counts["aten_ops"], "kernels": counts["kernels"], "syncs": counts["syncs"],
+                          "params": n_params, "plain_s": statistics.median(times[False]),
                           "neuroprune_s": statistics.median(times[True]),
                           "neuroprune_bytes": max(sent) if sent else 0, "gradient_bytes": grad_bytes}
         engine.destroy()
@@ -109,12 +197,13 @@ def main() -> None:
     print(f"model: LLaMA config, {results[args.stages[0]]['params'] / 1e6:.1f}M parameters, fp32, 2 ranks (gloo), "
           f"micro-batch {args.batch} x {args.seq} tokens, median of {args.steps} interleaved steps each")
     print("| ZeRO stage | DeepSpeed s/step | + NeuroPrune s/step | ratio | NeuroPrune bytes/step | "
-          "gradient bytes/step | comm fraction |")
-    print("|---|---|---|---|---|---|---|")
+          "gradient bytes/step | comm fraction | aten ops/layer | of them kernels | host syncs/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for stage, r in results.items():
         print(f"| {stage} | {r['plain_s']:.3f} | {r['neuroprune_s']:.3f} | {r['neuroprune_s'] / r['plain_s']:.3f} | "
               f"{r['neuroprune_bytes']:,} | {r['gradient_bytes']:,} | "
-              f"{r['neuroprune_bytes'] / r['gradient_bytes']:.4%} |")
+              f"{r['neuroprune_bytes'] / r['gradient_bytes']:.4%} | {r['aten_ops'] / args.layers:.1f} | "
+              f"{r['kernels'] / args.layers:.1f} | {r['syncs']} |")
     last = results[max(results)]
     print(f"overhead_zero{max(results)}={last['neuroprune_s'] / last['plain_s']:.3f} "
           f"comm_fraction={last['neuroprune_bytes'] / last['gradient_bytes']:.5f}")
