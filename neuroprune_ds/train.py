@@ -14,6 +14,7 @@ import argparse
 import ast
 import copy
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -21,7 +22,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,6 +31,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import transformers
+from deepspeed.accelerator import get_accelerator
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
@@ -38,6 +40,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     get_scheduler,
 )
+from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from neuroprune_ds import config as config_module
 from neuroprune_ds.checkpoint import CheckpointError, CheckpointManager, Interrupted, NonFiniteError, restore_window
@@ -137,6 +140,9 @@ class Session:
     world_size: int
     total_steps: int
     zero_stage: int
+    partitioned_loading: HfDeepSpeedConfig | None = None
+    """Under ZeRO-3, transformers' switch that builds and loads models partitioned; it only acts while it
+    is referenced (transformers keeps a weak reference), so the session holds it for the engine's lifetime."""
 
 
 def setup(args: argparse.Namespace) -> Session:
@@ -155,7 +161,7 @@ def setup(args: argparse.Namespace) -> Session:
     tokenizer = load_tokenizer(run.model)
     # Only classification depends on the model type; reading a config costs ~13 s from a GGUF file.
     text_to_text = run.task == "classification" and uses_text_to_text(run.task, load_model_config(run).model_type)
-    with main_rank_first(rank, world_size):
+    with node_leader_first(rank, world_size):
         data = build_task_data(run, tokenizer, text_to_text=text_to_text)
     loader = ShardedBatchLoader(
         data.train, data.collate, batch_size=run.schedule.micro_batch_size, rank=rank, world_size=world_size,
@@ -165,6 +171,7 @@ def setup(args: argparse.Namespace) -> Session:
     total_steps = run.schedule.max_steps or run.schedule.epochs * steps_per_epoch
     timings["setup/data_s"] = time.perf_counter() - started - sum(timings.values())
 
+    partitioned = partitioned_loading(ds_config)
     engine = build_engine(run, tokenizer, ds_config, total_steps=total_steps, text_to_text=text_to_text)
     timings["setup/engine_s"] = time.perf_counter() - started - sum(timings.values())
     pruner = None
@@ -182,16 +189,31 @@ def setup(args: argparse.Namespace) -> Session:
     return Session(
         run=run, engine=engine, tokenizer=tokenizer, data=data, loader=loader, pruner=pruner, logger=logger,
         rank=rank, world_size=world_size, total_steps=total_steps, zero_stage=engine.zero_optimization_stage(),
+        partitioned_loading=partitioned,
     )
 
 
 def prepare_deepspeed_config(run: RunConfig, world_size: int) -> dict[str, Any]:
     """Read ``run.deepspeed``, cross-check it against the run, and fill in what the trainer decides."""
     ds_config = load_deepspeed_config(run.deepspeed)
-    errors = check_deepspeed_config(ds_config, run, world_size)
+    errors = check_deepspeed_config(ds_config, run, world_size) + optimizer_errors(ds_config, run)
     if errors:
         raise ConfigError(errors)
-    return fill_deepspeed_config(ds_config, run, world_size)
+    hidden_size = model_hidden_size(load_model_config(run)) if model_sized_keys(ds_config) else None
+    return fill_deepspeed_config(ds_config, run, world_size, hidden_size=hidden_size)
+
+
+def partitioned_loading(ds_config: dict[str, Any]) -> HfDeepSpeedConfig | None:
+    """Under ZeRO-3, make transformers build and load models partitioned (inside ``deepspeed.zero.Init``).
+
+    Without it every rank would load the whole model before ``deepspeed.initialize`` partitions it. The
+    returned object must stay referenced while models are loaded and the engine lives. At other stages any
+    such switch left by an earlier run in this process is cleared.
+    """
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        return HfDeepSpeedConfig(ds_config)
+    unset_hf_deepspeed_config()
+    return None
 
 
 def build_engine(run: RunConfig, tokenizer, ds_config: dict[str, Any], *, total_steps: int, text_to_text: bool):
@@ -237,39 +259,52 @@ def quiet_other_ranks(rank: int) -> None:
         datasets.disable_progress_bars()
 
 
-class main_rank_first:
-    """Context: rank 0 runs the block first (filling the datasets cache), then the others reuse its work."""
+class node_leader_first:
+    """Context: the first rank of every node (``LOCAL_RANK`` 0) runs the block first, filling the datasets
+    cache that the node reads (shared between nodes or node-local), then the node's other ranks run it and
+    reuse that cache instead of tokenizing again. Leaders of different nodes work at the same time (datasets
+    writes each cache file under a temporary name and renames it, so a shared cache stays consistent); the
+    others wait in one barrier. Without LOCAL_RANK in the environment the global rank stands for it."""
 
-    def __init__(self, rank: int, world_size: int):
+    def __init__(self, rank: int, world_size: int, local_rank: int | None = None):
         self.wait = world_size > 1
-        self.rank = rank
+        if local_rank is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        self.leader = local_rank == 0
 
     def __enter__(self):
-        if self.wait and self.rank != 0:
+        if self.wait and not self.leader:
             dist.barrier()
 
     def __exit__(self, *exc):
-        if self.wait and self.rank == 0 and exc[0] is None:
+        if self.wait and self.leader and exc[0] is None:
             dist.barrier()
         return False
 
 
-def fill_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int) -> dict[str, Any]:
-    """Complete a DeepSpeed config from the run: batch sizes, clipping and bf16 given as "auto" or absent.
+def fill_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int, *,
+                          hidden_size: int | None = None) -> dict[str, Any]:
+    """Complete a DeepSpeed config from the run: batch sizes, clipping and bf16 given as "auto" or absent,
+    and the ZeRO buffer sizes given as "auto" from the model's hidden size (:data:`MODEL_SIZED_KEYS`).
 
-    The optimizer and LR schedule are the trainer's (torch AdamW, ``schedule.*``), so the JSON may not
-    define its own. Batch-size and dtype disagreements are reported by ``check_deepspeed_config`` first.
+    The optimizer and LR schedule are the trainer's (``schedule.optimizer``, ``schedule.*``), so the JSON may
+    not define its own. Batch-size and dtype disagreements are reported by ``check_deepspeed_config`` first.
 
     Raises:
-        ConfigError: the JSON defines an optimizer or scheduler, or its gradient_clipping disagrees.
+        ConfigError: the JSON defines an optimizer or scheduler, its gradient_clipping disagrees, or it has
+            model-sized "auto" keys and no ``hidden_size`` is given.
     """
     ds = copy.deepcopy(ds)
-    errors = [f"deepspeed.{key}: remove it; the trainer uses torch.optim.AdamW with the schedule.* settings"
-              for key in ("optimizer", "scheduler") if key in ds]
+    errors = [f"deepspeed.{key}: remove it; the trainer builds the optimizer (schedule.optimizer) with the "
+              "schedule.* settings" for key in ("optimizer", "scheduler") if key in ds]
     clip = ds.get("gradient_clipping", "auto")
     if clip != "auto" and clip != run.schedule.grad_clip:
         errors.append(f"deepspeed.gradient_clipping: {clip!r} disagrees with schedule.grad_clip = "
                       f"{run.schedule.grad_clip}; set it to \"auto\" or remove it")
+    sized = model_sized_keys(ds)
+    if sized and hidden_size is None:
+        errors += [f"deepspeed.zero_optimization.{key}: \"auto\" needs the model's hidden_size, which its "
+                   "config does not give; set a number" for key in sized]
     if errors:
         raise ConfigError(errors)
     schedule = run.schedule
@@ -280,22 +315,82 @@ def fill_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int) -
     bf16 = ds.setdefault("bf16", {})
     if bf16.get("enabled", "auto") == "auto":
         bf16["enabled"] = run.model.dtype == "bf16"
+    for key in sized:
+        ds["zero_optimization"][key] = MODEL_SIZED_KEYS[key](hidden_size)
     # A client torch optimizer needs no compiled op; ZeRO only accepts it when told so, and ZeRO-Offload
     # additionally insists on DeepSpeedCPUAdam unless zero_force_ds_cpu_optimizer is false.
     ds["zero_allow_untested_optimizer"] = True
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {})
-    if offload.get("device", "none") != "none":
+    if _offloads_optimizer(ds):
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     return ds
 
 
+MODEL_SIZED_KEYS: dict[str, Callable[[int], int]] = {
+    # The HF Trainer's rules for "auto" (transformers.integrations.HfTrainerDeepSpeedConfig).
+    "reduce_bucket_size": lambda hidden: hidden * hidden,
+    "stage3_prefetch_bucket_size": lambda hidden: int(0.9 * hidden * hidden),
+    "stage3_param_persistence_threshold": lambda hidden: 10 * hidden,
+    # About one decoder layer (12-16 hidden^2 in LLaMA/OPT/T5 shapes), at most DeepSpeed's default 1e9: the
+    # default keeps every parameter of a model under 1e9 gathered from forward to backward on every rank.
+    "stage3_max_live_parameters": lambda hidden: min(16 * hidden * hidden, 10**9),
+    "stage3_max_reuse_distance": lambda hidden: min(16 * hidden * hidden, 10**9),
+}
+"""ZeRO buffer sizes (elements) a DeepSpeed JSON may give as "auto": hidden size → value."""
+
+
+def model_sized_keys(ds: dict[str, Any]) -> list[str]:
+    """The ``zero_optimization`` keys of ``ds`` that are "auto" and sized from the model."""
+    zero = ds.get("zero_optimization", {})
+    return [key for key in MODEL_SIZED_KEYS if isinstance(zero, dict) and zero.get(key) == "auto"]
+
+
+def model_hidden_size(model_config) -> int | None:
+    """The hidden size the "auto" ZeRO buffer sizes follow (the largest one; a text config's if nested)."""
+    for config in (model_config, getattr(model_config, "text_config", None)):
+        if getattr(config, "hidden_size", None):
+            return int(config.hidden_size)
+        if getattr(config, "hidden_sizes", None):
+            return int(max(config.hidden_sizes))
+    return None
+
+
+def _offloads_optimizer(ds: dict[str, Any]) -> bool:
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
+
+
+OPTIMIZERS = ("torch", "fused", "cpu_adam")
+
+
+def optimizer_errors(ds: dict[str, Any], run: RunConfig) -> list[str]:
+    """Where ``schedule.optimizer`` cannot run with this DeepSpeed config and accelerator (one line each)."""
+    choice, offloaded = run.schedule.optimizer, _offloads_optimizer(ds)
+    if choice == "cpu_adam" and not offloaded:
+        return ["schedule.optimizer: 'cpu_adam' (DeepSpeedCPUAdam) steps optimizer states held in CPU memory; "
+                "it needs deepspeed.zero_optimization.offload_optimizer.device 'cpu' (ds_configs/zero3_offload_*"
+                ".json); without offload use 'torch' or, on GPUs, 'fused'"]
+    if choice == "fused" and offloaded:
+        return ["schedule.optimizer: 'fused' (DeepSpeed FusedAdam) runs on the accelerator, but "
+                "deepspeed.zero_optimization.offload_optimizer keeps the optimizer states in CPU memory; use "
+                "'cpu_adam' (or 'torch')"]
+    if choice == "fused" and get_accelerator().device_name() == "cpu":
+        return ["schedule.optimizer: 'fused' (DeepSpeed FusedAdam) is a GPU kernel and the DeepSpeed "
+                "accelerator here is 'cpu'; use 'torch'"]
+    return []
+
+
 def load_model_config(run: RunConfig):
-    """The model's HF config (only its metadata is read, also from a GGUF file)."""
+    """The model's HF config (only its metadata is read, also from a GGUF file; read once per process)."""
     try:
-        return AutoConfig.from_pretrained(run.model.name_or_path, gguf_file=run.model.gguf_file,
-                                          trust_remote_code=run.model.trust_remote_code)
+        return _read_model_config(run.model.name_or_path, run.model.gguf_file, run.model.trust_remote_code)
     except OSError as err:
         raise _cannot_load_model(run, err) from err
+
+
+@functools.lru_cache(maxsize=4)
+def _read_model_config(name_or_path: str, gguf_file: str | None, trust_remote_code: bool):
+    # Reading a config from a GGUF file takes ~13 s; setup needs it twice (buffer sizes, task head).
+    return AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
 
 
 def _cannot_load_model(run: RunConfig, err: OSError) -> OSError:
@@ -304,9 +399,14 @@ def _cannot_load_model(run: RunConfig, err: OSError) -> OSError:
 
 
 def load_model(run: RunConfig, tokenizer, *, text_to_text: bool) -> torch.nn.Module:
-    """The pretrained model with the task's head, in fp32 (DeepSpeed casts to bf16 when enabled)."""
+    """The pretrained model with the task's head, in the training dtype.
+
+    Under ZeRO-3 (see :func:`partitioned_loading`) it comes back partitioned: each rank holds its share of
+    every parameter (``param.ds_tensor``), never the whole model.
+    """
+    dtype = torch.bfloat16 if run.model.dtype == "bf16" else torch.float32
     kwargs: dict[str, Any] = {"gguf_file": run.model.gguf_file, "trust_remote_code": run.model.trust_remote_code,
-                              "dtype": torch.float32}
+                              "dtype": dtype}
     if run.task == "causal_lm":
         auto_class = AutoModelForCausalLM
     elif run.task == "seq2seq" or text_to_text:
@@ -325,11 +425,24 @@ def load_model(run: RunConfig, tokenizer, *, text_to_text: bool) -> torch.nn.Mod
 
 
 def build_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.Optimizer:
-    """torch AdamW (nothing to compile); biases and norm weights (1-D tensors) get no weight decay."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """AdamW as ``schedule.optimizer`` chooses: torch's (nothing to compile), DeepSpeed's FusedAdam (GPU) or
+    DeepSpeedCPUAdam (ZeRO-Offload). Biases and norm weights (1-D tensors) get no weight decay; under ZeRO-3
+    the dimensions are those of the whole parameter (``ds_shape``), not of this rank's empty placeholder."""
+    def dims(param: torch.nn.Parameter) -> int:
+        return len(getattr(param, "ds_shape", param.shape))
+
+    decay = [p for p in model.parameters() if p.requires_grad and dims(p) >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and dims(p) < 2]
     groups = [{"params": decay, "weight_decay": run.schedule.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if run.schedule.optimizer == "fused":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, lr=run.schedule.lr, adam_w_mode=True)
+    if run.schedule.optimizer == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=run.schedule.lr, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=run.schedule.lr)
 
 

@@ -6,11 +6,13 @@ trainer, so a launch pays the process start and imports once. Faults are injecte
 package: ``signal_at`` (a real SIGUSR1/SIGTERM sent to one rank after an optimizer step, or during the
 evaluation at that step), ``kill_in_save`` (SIGKILL of one rank inside a save, after the others started
 writing), ``nan_grad_at`` (NaN in one rank's gradient shard at a step). Results (exit status, resume
-details, pruner masks after resume) go to ``<plan dir>/result-<name>-rank<r>.json``.
+details, pruner masks after resume, how this rank's model came back from loading, how many datasets map
+passes this rank computed rather than read from the cache) go to ``<plan dir>/result-<name>-rank<r>.json``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -22,6 +24,7 @@ from neuroprune_ds.distributed import barrier_and_exit, setup_distributed_env
 
 def main(plan_path: str) -> None:
     setup_distributed_env()
+    import datasets
     import torch
 
     from neuroprune_ds import checkpoint, train
@@ -31,9 +34,23 @@ def main(plan_path: str) -> None:
     original = {name: getattr(checkpoint.CheckpointManager, name) for name in ("after_step", "save", "resume")}
     original_check = checkpoint.Preemption.check
     original_observe = checkpoint.FiniteGuard.observe
+    original_load_model = train.load_model
+    original_map_single = datasets.Dataset._map_single
     for run in plan:
         faults = run.get("faults", {})
-        record: dict = {}
+        record: dict = {"map_computed": 0}
+
+        def load_model(*args, record=record, **kwargs):
+            model = original_load_model(*args, **kwargs)
+            params = list(model.parameters())
+            record["loaded"] = {"partitioned": sum(hasattr(p, "ds_id") and p.numel() == 0 for p in params),
+                                "params": len(params), "dtypes": sorted({str(p.dtype) for p in params})}
+            return model
+
+        @functools.wraps(original_map_single)  # datasets reads its signature for the cache fingerprint
+        def map_single(*args, record=record, **kwargs):  # runs only when map misses the cache
+            record["map_computed"] += 1
+            yield from original_map_single(*args, **kwargs)
 
         def after_step(self, step, window, faults=faults):
             sig = faults.get("signal_at")
@@ -84,6 +101,8 @@ def main(plan_path: str) -> None:
         checkpoint.CheckpointManager.resume = resume
         checkpoint.Preemption.check = check
         checkpoint.FiniteGuard.observe = observe
+        train.load_model = load_model
+        datasets.Dataset._map_single = staticmethod(map_single)
         args = train.parse_args(["--config", run["config"], "--deepspeed", run["deepspeed"], *run.get("overrides", [])])
         code = train.run_training(args)
         record["code"] = code
