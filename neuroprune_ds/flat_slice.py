@@ -109,11 +109,11 @@ class FlatSlice:
     def scale_(self, local: torch.Tensor, per_group: torch.Tensor, axis: str) -> None:
         """Multiply every element in place by the value of its row (ROW) or column (COL)."""
         for block in self.blocks():
-            block.view(local).mul_(self.group_values(per_group.to(local.dtype), block, axis))
+            block.view(local).mul_(self.group_values(per_group.to(local.device, local.dtype), block, axis))
 
     def add_scaled_(self, target: torch.Tensor, source: torch.Tensor, per_group: torch.Tensor, axis: str,
                     alpha: float) -> None:
         """``target += alpha * per_group[group of element] * source``, in place on the local tensors."""
         for block in self.blocks():
-            weights = self.group_values(per_group.to(target.dtype), block, axis)
+            weights = self.group_values(per_group.to(target.device, target.dtype), block, axis)
             block.view(target).addcmul_(block.view(source), weights, value=alpha)

@@ -253,7 +253,8 @@ class NeuroPruner:
             crossed = torch.sign(now).to(torch.int8).mul_(before).lt(0)
 
             def clear(tensor: torch.Tensor, piece: FlatSlice, crossed=crossed, start=covered.offset) -> None:
-                tensor.masked_fill_(crossed[piece.offset - start:piece.offset - start + piece.numel], 0)
+                mask = crossed[piece.offset - start:piece.offset - start + piece.numel]
+                tensor.masked_fill_(mask.to(tensor.device), 0)  # the master may be offloaded to CPU
 
             self.access.edit_weights(param, clear, moments=("exp_avg",))
 
