@@ -334,6 +334,9 @@ MODEL_SIZED_KEYS: dict[str, Callable[[int], int]] = {
     # default keeps every parameter of a model under 1e9 gathered from forward to backward on every rank.
     "stage3_max_live_parameters": lambda hidden: min(16 * hidden * hidden, 10**9),
     "stage3_max_reuse_distance": lambda hidden: min(16 * hidden * hidden, 10**9),
+    # The optimizer steps one sub-group at a time, with a flattened fp32 gradient and AdamW's temporaries of
+    # that size: DeepSpeed's default 1e9 makes them as large as this rank's whole partition.
+    "sub_group_size": lambda hidden: min(16 * hidden * hidden, 10**9),
 }
 """ZeRO buffer sizes (elements) a DeepSpeed JSON may give as "auto": hidden size → value."""
 

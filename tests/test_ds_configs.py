@@ -30,7 +30,7 @@ def test_shipped_zero_buffers_are_sized_from_the_model_and_offload_pins_memory()
 
     sized = {"reduce_bucket_size": HIDDEN**2, "stage3_prefetch_bucket_size": int(0.9 * HIDDEN**2),
              "stage3_param_persistence_threshold": 10 * HIDDEN, "stage3_max_live_parameters": 16 * HIDDEN**2,
-             "stage3_max_reuse_distance": 16 * HIDDEN**2}
+             "stage3_max_reuse_distance": 16 * HIDDEN**2, "sub_group_size": 16 * HIDDEN**2}
     for path in SHIPPED:
         ds = json.loads(path.read_text())
         zero = ds["zero_optimization"]

@@ -70,16 +70,16 @@ def test_fill_deepspeed_config_rejects_optimizer_scheduler_and_other_clipping():
 def test_fill_deepspeed_config_sizes_auto_zero_buffers_from_the_hidden_size():
     ds = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
                                 "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 10,
-                                "stage3_max_reuse_distance": "auto"}}
+                                "stage3_max_reuse_distance": "auto", "sub_group_size": "auto"}}
     zero = fill_deepspeed_config(ds, _run(), 2, hidden_size=1000)["zero_optimization"]
     assert zero == {"stage": 3, "reduce_bucket_size": 10**6, "stage3_prefetch_bucket_size": 900_000,
                     "stage3_param_persistence_threshold": 10_000, "stage3_max_live_parameters": 10,
-                    "stage3_max_reuse_distance": 16 * 10**6}
+                    "stage3_max_reuse_distance": 16 * 10**6, "sub_group_size": 16 * 10**6}
     # At 70B sizes the live/reuse limits stop at DeepSpeed's own default.
     assert fill_deepspeed_config(ds, _run(), 2, hidden_size=8192)["zero_optimization"]["stage3_max_reuse_distance"] == 10**9
     with pytest.raises(ConfigError) as error:
         fill_deepspeed_config(ds, _run(), 2)
-    assert len(error.value.errors) == 4
+    assert len(error.value.errors) == 5
     assert str(error.value.errors[0]).startswith('deepspeed.zero_optimization.reduce_bucket_size: "auto" needs')
 
 
