@@ -167,10 +167,10 @@ def write_run(work: Path, model_dir: Path, name: str, steps: int, deepspeed: Pat
     return path
 
 
-def launch(config: Path, overrides: list[str], out_dir: Path, fp32_bytes: int) -> list[dict]:
+def launch(config: Path, overrides: list[str], out_dir: Path, fp32_bytes: int, patience_s: int) -> list[dict]:
     """Train with launch/local.sh (2 ranks); returns each rank's measurements."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    wait_for_memory(2 * 4 * fp32_bytes + GIB, patience_s=900)
+    wait_for_memory(2 * 4 * fp32_bytes + GIB, patience_s)
     env = dict(os.environ, NEUROPRUNE_ENTRY="tools.bench_memory", NEUROPRUNE_NPROC="2", OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                NEUROPRUNE_PYTHON=sys.executable, **{RANK_OUT: str(out_dir)})
@@ -206,6 +206,8 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, help="models and runs go here (default: a temporary directory)")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--deepspeed", type=Path, default=REPO / "ds_configs" / "zero3_fp32.json")
+    parser.add_argument("--patience", type=int, default=900,
+                        help="seconds to wait for 8x the fp32 model size of free memory before each launch")
     parser.add_argument("--modes", nargs="+", default=["plain", "neuroprune"], choices=["plain", "neuroprune"])
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_memory_"))
@@ -220,12 +222,14 @@ def main(argv=None) -> None:
             if label not in args.modes:
                 continue
             config = write_run(work, model_dir, f"{size}-{label}", args.steps, args.deepspeed)
-            marks = launch(config, overrides, work / f"marks-{size}-{label}", facts["fp32_bytes"])
+            marks = launch(config, overrides, work / f"marks-{size}-{label}", facts["fp32_bytes"], args.patience)
             rows.append(row(size, facts, label, marks))
             _print(rows[-1])
+            if args.json:  # after every run: a later one may be stopped by the machine
+                args.json.write_text(json.dumps(rows, indent=1))
             if label == "neuroprune" and size == args.sizes[-1]:
                 resumed = launch(config, [*overrides, f"schedule.max_steps={args.steps + 2}"],
-                                 work / f"marks-{size}-resume", facts["fp32_bytes"])
+                                 work / f"marks-{size}-resume", facts["fp32_bytes"], args.patience)
                 rows.append(row(size, facts, "neuroprune resumed", resumed))
                 _print(rows[-1])
         if len(args.modes) == 2:
