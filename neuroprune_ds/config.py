@@ -143,6 +143,12 @@ class DataConfig:
     """Use at most this many training examples (after shuffling with the run seed)."""
     max_eval_examples: int | None = None
     """Use at most this many evaluation examples."""
+    num_proc: int | None = None
+    """Processes that tokenize (datasets' map num_proc); None: the rank's own process only."""
+    pretokenized: bool | None = None
+    """The data already holds model inputs (an input_ids column, plus labels for seq2seq and classification;
+    e.g. a datasets.save_to_disk directory): nothing is tokenized, causal_lm only packs into blocks. None:
+    detected from an input_ids column."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -161,6 +167,10 @@ class ScheduleConfig:
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    optimizer: str = "torch"
+    """AdamW implementation: 'torch' (torch.optim.AdamW, compiles nothing), 'fused' (DeepSpeed FusedAdam, GPU
+    only, states on the accelerator) or 'cpu_adam' (DeepSpeedCPUAdam, for offload_optimizer to CPU; its C++
+    op is compiled on first use)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up steps."""
     lr_scheduler: str = "linear"

@@ -227,15 +227,19 @@ def build_task_data(run: RunConfig, tokenizer: PreTrainedTokenizerBase, *, text_
     if data.eval:
         eval_raw = load_raw_dataset(data.eval, data.dataset_config, default_split="validation")
 
+    pretokenized = is_pretokenized(train_raw, data)
     if run.task == "causal_lm":
-        _require_columns(train_raw, [data.text_column], "data.train")
+        column = "input_ids" if pretokenized else data.text_column
+        _require_columns(train_raw, [column], "data.train")
         if eval_raw is not None:
-            _require_columns(eval_raw, [data.text_column], "data.eval")
-        packed_eval = _pack_causal(eval_raw, tokenizer, data) if eval_raw is not None else None
-        train, eval_ = split_and_limit(_pack_causal(train_raw, tokenizer, data), packed_eval, data, seed)
+            _require_columns(eval_raw, [column], "data.eval")
+        packed_eval = _pack_causal(eval_raw, tokenizer, data, pretokenized) if eval_raw is not None else None
+        train, eval_ = split_and_limit(_pack_causal(train_raw, tokenizer, data, pretokenized), packed_eval, data, seed)
         return TaskData(task=run.task, train=train, eval=eval_, collate=default_data_collator)
 
     train_raw, eval_raw = split_and_limit(train_raw, eval_raw, data, seed)
+    if pretokenized:
+        return _pretokenized_task_data(run, train_raw, eval_raw, tokenizer, text_to_text)
     if run.task == "seq2seq":
         for name, raw in (("data.train", train_raw), ("data.eval", eval_raw)):
             _require_columns(raw, [data.source_column, data.target_column], name)
@@ -266,6 +270,42 @@ def build_task_data(run: RunConfig, tokenizer: PreTrainedTokenizerBase, *, text_
         label_names=label_names,
         eval_references=[to_id(v) for v in eval_raw[data.label_column]],
     )
+
+
+def is_pretokenized(raw, data: DataConfig) -> bool:
+    """Whether the training data already holds model inputs: ``data.pretokenized``, or detected from an
+    ``input_ids`` column when that is None.
+
+    Raises:
+        ValueError: ``data.pretokenized`` is true and there is no ``input_ids`` column.
+    """
+    has_ids = "input_ids" in raw.column_names
+    if data.pretokenized and not has_ids:
+        raise ValueError(f"data.pretokenized: true, but data.train has no input_ids column (columns: "
+                         f"{raw.column_names}); give token ids, or set it to false to tokenize text")
+    return has_ids if data.pretokenized is None else data.pretokenized
+
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def _pretokenized_task_data(run: RunConfig, train_raw, eval_raw, tokenizer, text_to_text: bool) -> TaskData:
+    """seq2seq / classification from token ids: input_ids and labels (class ids, or target token ids)."""
+    if text_to_text:
+        raise ValueError("data.pretokenized: classification of text-to-text models (T5) generates label names, "
+                         "which token ids do not give; use text data or a model with a classification head")
+    for name, raw in (("data.train", train_raw), ("data.eval", eval_raw)):
+        _require_columns(raw, ["input_ids", "labels"], name)
+    train, eval_ = (raw.select_columns([c for c in _MODEL_INPUTS if c in raw.column_names])
+                    for raw in (train_raw, eval_raw))
+    if run.task == "seq2seq":
+        references = [tokenizer.decode([t for t in ids if t >= 0], skip_special_tokens=True)
+                      for ids in eval_["labels"]]
+        return TaskData(task=run.task, train=train, eval=eval_, eval_references=references,
+                        collate=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
+    label_names, to_id = _label_mapping(train_raw, eval_raw, "labels", run.num_labels)
+    return TaskData(task=run.task, train=train, eval=eval_, collate=DataCollatorWithPadding(tokenizer),
+                    label_names=label_names, eval_references=[to_id(v) for v in eval_["labels"]])
 
 
 def split_and_limit(train, eval_, data: DataConfig, seed: int):
@@ -303,7 +343,7 @@ def _require_columns(raw, columns: list[str], field_name: str) -> None:
                              f"first in row {row + 1}; fill or drop those rows")
 
 
-def _pack_causal(raw, tokenizer: PreTrainedTokenizerBase, data: DataConfig):
+def _pack_causal(raw, tokenizer: PreTrainedTokenizerBase, data: DataConfig, pretokenized: bool = False):
     block = data.max_length
 
     def tokenize(batch):
@@ -315,8 +355,13 @@ def _pack_causal(raw, tokenizer: PreTrainedTokenizerBase, data: DataConfig):
         blocks = [flat[i : i + block] for i in range(0, len(flat) - block + 1, block)]
         return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": blocks}
 
-    ids = raw.map(tokenize, batched=True, remove_columns=raw.column_names, desc="tokenize")
-    packed = ids.map(pack, batched=True, batch_size=1000, desc=f"pack into blocks of {block}")
+    if pretokenized:
+        ids = raw.select_columns(["input_ids"])
+    else:
+        ids = raw.map(tokenize, batched=True, remove_columns=raw.column_names, num_proc=data.num_proc,
+                      desc="tokenize")
+    packed = ids.map(pack, batched=True, batch_size=1000, remove_columns=ids.column_names, num_proc=data.num_proc,
+                     desc=f"pack into blocks of {block}")
     if len(packed) == 0:
         raise ValueError(
             f"data gives no causal-LM block of data.max_length={block} tokens; lower max_length or add text"
@@ -332,7 +377,8 @@ def _tokenize_seq2seq(raw, tokenizer: PreTrainedTokenizerBase, data: DataConfig)
         features["labels"] = targets["input_ids"]
         return features
 
-    return raw.map(tokenize, batched=True, remove_columns=raw.column_names, desc="tokenize seq2seq")
+    return raw.map(tokenize, batched=True, remove_columns=raw.column_names, num_proc=data.num_proc,
+                   desc="tokenize seq2seq")
 
 
 def _encode_texts(batch, tokenizer, data: DataConfig, prefix: str = ""):
@@ -347,7 +393,8 @@ def _tokenize_classification(raw, tokenizer, data: DataConfig, to_id, label_name
         features["labels"] = [to_id(v) for v in batch[data.label_column]]
         return features
 
-    return raw.map(tokenize, batched=True, remove_columns=raw.column_names, desc="tokenize classification")
+    return raw.map(tokenize, batched=True, remove_columns=raw.column_names, num_proc=data.num_proc,
+                   desc="tokenize classification")
 
 
 def _tokenize_text_to_text(raw, tokenizer, data: DataConfig, to_id, label_names):
@@ -359,7 +406,8 @@ def _tokenize_text_to_text(raw, tokenizer, data: DataConfig, to_id, label_names)
         ]
         return features
 
-    return raw.map(tokenize, batched=True, remove_columns=raw.column_names, desc="tokenize text-to-text")
+    return raw.map(tokenize, batched=True, remove_columns=raw.column_names, num_proc=data.num_proc,
+                   desc="tokenize text-to-text")
 
 
 def _label_mapping(train_raw, eval_raw, column: str, num_labels: int):

@@ -110,12 +110,12 @@ class FlatSlice:
         """Multiply every element in place by the value of its row (ROW) or column (COL)."""
         per_group = per_group.to(device=local.device, dtype=local.dtype)
         for block in self.blocks():
-            block.view(local).mul_(self.group_values(per_group, block, axis))
+            block.view(local).mul_(self.group_values(per_group.to(local.device, local.dtype), block, axis))
 
     def add_scaled_(self, target: torch.Tensor, source: torch.Tensor, per_group: torch.Tensor, axis: str,
                     alpha: float) -> None:
         """``target += alpha * per_group[group of element] * source``, in place on the local tensors."""
         per_group = per_group.to(device=target.device, dtype=target.dtype)
         for block in self.blocks():
-            weights = self.group_values(per_group, block, axis)
+            weights = self.group_values(per_group.to(target.device, target.dtype), block, axis)
             block.view(target).addcmul_(block.view(source), weights, value=alpha)

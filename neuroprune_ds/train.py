@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import ctypes
 import dataclasses
 import functools
 import inspect
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import traceback
@@ -40,6 +42,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     get_scheduler,
 )
+from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from neuroprune_ds import config as config_module
 from neuroprune_ds.checkpoint import (CheckpointError, CheckpointManager, Interrupted, NonFiniteError,
@@ -142,12 +145,16 @@ class Session:
     world_size: int
     total_steps: int
     zero_stage: int
+    partitioned_loading: HfDeepSpeedConfig | None = None
+    """Under ZeRO-3, transformers' switch that builds and loads models partitioned; it only acts while it
+    is referenced (transformers keeps a weak reference), so the session holds it for the engine's lifetime."""
 
 
 def setup(args: argparse.Namespace) -> Session:
     """Build the run from parsed arguments (every rank does the same)."""
     started = time.perf_counter()
     timings = {}
+    release_freed_host_memory()
     run = load_config(args.config, args.overrides)
     if args.deepspeed:
         run.deepspeed = args.deepspeed
@@ -162,7 +169,7 @@ def setup(args: argparse.Namespace) -> Session:
     model_config = functools.cache(lambda: load_model_config(run))  # ~13 s from a GGUF file: only when needed
     _raise_if(run_errors(run, ds_config, model_config, world_size))
     text_to_text = run.task == "classification" and uses_text_to_text(run.task, model_config().model_type)
-    with main_rank_first(rank, world_size):
+    with node_leader_first(rank, world_size):
         data = build_task_data(run, tokenizer, text_to_text=text_to_text)
     loader = ShardedBatchLoader(
         data.train, data.collate, batch_size=run.schedule.micro_batch_size, rank=rank, world_size=world_size,
@@ -173,6 +180,7 @@ def setup(args: argparse.Namespace) -> Session:
     _raise_if(warmup_errors(run.schedule, total_steps))
     timings["setup/data_s"] = time.perf_counter() - started - sum(timings.values())
 
+    partitioned = partitioned_loading(ds_config)
     engine = build_engine(run, tokenizer, ds_config, total_steps=total_steps, text_to_text=text_to_text)
     timings["setup/engine_s"] = time.perf_counter() - started - sum(timings.values())
     pruner = None
@@ -191,6 +199,7 @@ def setup(args: argparse.Namespace) -> Session:
     return Session(
         run=run, engine=engine, tokenizer=tokenizer, data=data, loader=loader, pruner=pruner, logger=logger,
         rank=rank, world_size=world_size, total_steps=total_steps, zero_stage=engine.zero_optimization_stage(),
+        partitioned_loading=partitioned,
     )
 
 
@@ -221,11 +230,46 @@ def _raise_if(errors: list[str]) -> None:
         raise ConfigError(errors)
 
 
+def release_freed_host_memory() -> None:
+    """Make glibc's malloc return freed blocks of 1 MiB and more to the system at once.
+
+    By default glibc serves blocks below its mmap threshold from heaps it rarely gives back, and raises the
+    threshold (up to 32 MiB) whenever a larger block is freed; ZeRO-3's stream of gathered parameters,
+    gradients and optimizer temporaries then leaves host RSS far above what is in use (docs/memory.md).
+    Fixed thresholds turn that off. Settings given through MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
+    win; without glibc (another libc, or jemalloc/tcmalloc preloaded) this changes nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    for option, variable in ((_M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"), (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_")):
+        if variable not in os.environ:
+            libc.mallopt(option, 1 << 20)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
 def prepare_deepspeed_config(run: RunConfig, world_size: int) -> dict[str, Any]:
     """Read ``run.deepspeed``, cross-check it against the run, and fill in what the trainer decides."""
     ds_config = load_deepspeed_config(run.deepspeed)
-    _raise_if(check_deepspeed_config(ds_config, run, world_size))
-    return fill_deepspeed_config(ds_config, run, world_size)
+    _raise_if(check_deepspeed_config(ds_config, run, world_size) + optimizer_errors(ds_config, run))
+    hidden_size = model_hidden_size(load_model_config(run)) if model_sized_keys(ds_config) else None
+    return fill_deepspeed_config(ds_config, run, world_size, hidden_size=hidden_size)
+
+
+def partitioned_loading(ds_config: dict[str, Any]) -> HfDeepSpeedConfig | None:
+    """Under ZeRO-3, make transformers build and load models partitioned (inside ``deepspeed.zero.Init``).
+
+    Without it every rank would load the whole model before ``deepspeed.initialize`` partitions it. The
+    returned object must stay referenced while models are loaded and the engine lives. At other stages any
+    such switch left by an earlier run in this process is cleared.
+    """
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        return HfDeepSpeedConfig(ds_config)
+    unset_hf_deepspeed_config()
+    return None
 
 
 def build_engine(run: RunConfig, tokenizer, ds_config: dict[str, Any], *, total_steps: int, text_to_text: bool):
@@ -275,30 +319,58 @@ def quiet_other_ranks(rank: int) -> None:
         datasets.disable_progress_bars()
 
 
-class main_rank_first:
-    """Context: rank 0 runs the block first (filling the datasets cache), then the others reuse its work."""
+class node_leader_first:
+    """Context: the first rank of every node runs the block first, filling the datasets cache that the node
+    reads (shared between nodes or node-local), then the node's other ranks run it and reuse that cache
+    instead of tokenizing again. Leaders of different nodes work at the same time (datasets writes each cache
+    file under a temporary name and renames it, so a shared cache stays consistent); the others wait in one
+    barrier.
 
-    def __init__(self, rank: int, world_size: int):
+    A node is a host name, gathered from every rank (collective): ``LOCAL_RANK`` cannot tell, since under
+    SLURM's ``--gpus-per-task=1`` every task has ``LOCAL_RANK`` 0 (each sees only its own GPU)."""
+
+    def __init__(self, rank: int, world_size: int, local_rank: int | None = None):
         self.wait = world_size > 1
-        self.rank = rank
+        if local_rank is None:
+            local_rank = _rank_among_its_host(rank, world_size)
+        self.leader = local_rank == 0
 
     def __enter__(self):
-        if self.wait and self.rank != 0:
+        if self.wait and not self.leader:
             dist.barrier()
 
     def __exit__(self, *exc):
-        if self.wait and self.rank == 0 and exc[0] is None:
+        if self.wait and self.leader and exc[0] is None:
             dist.barrier()
         return False
 
 
-def fill_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int) -> dict[str, Any]:
-    """Complete a DeepSpeed config from the run: batch sizes, clipping and bf16 given as "auto" or absent.
+def _rank_among_its_host(rank: int, world_size: int) -> int:
+    """How many lower ranks run on this rank's host (collective when world_size > 1)."""
+    if world_size == 1:
+        return 0
+    hosts = [None] * world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts[:rank].count(hosts[rank])
 
-    The optimizer and LR schedule are the trainer's (torch AdamW, ``schedule.*``). A JSON that defines its
-    own, or disagrees on batch sizes, clipping or dtype, is refused by ``check_deepspeed_config`` first.
+
+def fill_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int, *,
+                          hidden_size: int | None = None) -> dict[str, Any]:
+    """Complete a DeepSpeed config from the run: batch sizes, clipping and bf16 given as "auto" or absent,
+    and the ZeRO buffer sizes given as "auto" from the model's hidden size (:data:`MODEL_SIZED_KEYS`).
+
+    The optimizer and LR schedule are the trainer's (``schedule.optimizer``, ``schedule.*``). A JSON that
+    defines its own, or disagrees on batch sizes, clipping or dtype, is refused by ``check_deepspeed_config``
+    first.
+
+    Raises:
+        ConfigError: it has model-sized "auto" keys and no ``hidden_size`` is given.
     """
     ds = copy.deepcopy(ds)
+    sized = model_sized_keys(ds)
+    if sized and hidden_size is None:
+        raise ConfigError([f"deepspeed.zero_optimization.{key}: \"auto\" needs the model's hidden_size, which "
+                           "its config does not give; set a number" for key in sized])
     schedule = run.schedule
     ds["train_micro_batch_size_per_gpu"] = schedule.micro_batch_size
     ds["gradient_accumulation_steps"] = schedule.gradient_accumulation_steps
@@ -307,22 +379,85 @@ def fill_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int) -
     bf16 = ds.setdefault("bf16", {})
     if bf16.get("enabled", "auto") == "auto":
         bf16["enabled"] = run.model.dtype == "bf16"
+    for key in sized:
+        ds["zero_optimization"][key] = MODEL_SIZED_KEYS[key](hidden_size)
     # A client torch optimizer needs no compiled op; ZeRO only accepts it when told so, and ZeRO-Offload
     # additionally insists on DeepSpeedCPUAdam unless zero_force_ds_cpu_optimizer is false.
     ds["zero_allow_untested_optimizer"] = True
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {})
-    if offload.get("device", "none") != "none":
+    if _offloads_optimizer(ds):
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     return ds
 
 
+MODEL_SIZED_KEYS: dict[str, Callable[[int], int]] = {
+    # The HF Trainer's rules for "auto" (transformers.integrations.HfTrainerDeepSpeedConfig).
+    "reduce_bucket_size": lambda hidden: hidden * hidden,
+    "stage3_prefetch_bucket_size": lambda hidden: int(0.9 * hidden * hidden),
+    "stage3_param_persistence_threshold": lambda hidden: 10 * hidden,
+    # About one decoder layer (12-16 hidden^2 in LLaMA/OPT/T5 shapes), at most DeepSpeed's default 1e9: the
+    # default keeps every parameter of a model under 1e9 gathered from forward to backward on every rank.
+    "stage3_max_live_parameters": lambda hidden: min(16 * hidden * hidden, 10**9),
+    "stage3_max_reuse_distance": lambda hidden: min(16 * hidden * hidden, 10**9),
+    # The optimizer steps one sub-group at a time, with a flattened fp32 gradient and AdamW's temporaries of
+    # that size: DeepSpeed's default 1e9 makes them as large as this rank's whole partition.
+    "sub_group_size": lambda hidden: min(16 * hidden * hidden, 10**9),
+}
+"""ZeRO buffer sizes (elements) a DeepSpeed JSON may give as "auto": hidden size → value."""
+
+
+def model_sized_keys(ds: dict[str, Any]) -> list[str]:
+    """The ``zero_optimization`` keys of ``ds`` that are "auto" and sized from the model."""
+    zero = ds.get("zero_optimization", {})
+    return [key for key in MODEL_SIZED_KEYS if isinstance(zero, dict) and zero.get(key) == "auto"]
+
+
+def model_hidden_size(model_config) -> int | None:
+    """The hidden size the "auto" ZeRO buffer sizes follow (the largest one; a text config's if nested)."""
+    for config in (model_config, getattr(model_config, "text_config", None)):
+        if getattr(config, "hidden_size", None):
+            return int(config.hidden_size)
+        if getattr(config, "hidden_sizes", None):
+            return int(max(config.hidden_sizes))
+    return None
+
+
+def _offloads_optimizer(ds: dict[str, Any]) -> bool:
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
+
+
+OPTIMIZERS = ("torch", "fused", "cpu_adam")
+
+
+def optimizer_errors(ds: dict[str, Any], run: RunConfig) -> list[str]:
+    """Where ``schedule.optimizer`` cannot run with this DeepSpeed config and accelerator (one line each)."""
+    choice, offloaded = run.schedule.optimizer, _offloads_optimizer(ds)
+    if choice == "cpu_adam" and not offloaded:
+        return ["schedule.optimizer: 'cpu_adam' (DeepSpeedCPUAdam) steps optimizer states held in CPU memory; "
+                "it needs deepspeed.zero_optimization.offload_optimizer.device 'cpu' (ds_configs/zero3_offload_*"
+                ".json); without offload use 'torch' or, on GPUs, 'fused'"]
+    if choice == "fused" and offloaded:
+        return ["schedule.optimizer: 'fused' (DeepSpeed FusedAdam) runs on the accelerator, but "
+                "deepspeed.zero_optimization.offload_optimizer keeps the optimizer states in CPU memory; use "
+                "'cpu_adam' (or 'torch')"]
+    if choice == "fused" and get_accelerator().device_name() == "cpu":
+        return ["schedule.optimizer: 'fused' (DeepSpeed FusedAdam) is a GPU kernel and the DeepSpeed "
+                "accelerator here is 'cpu'; use 'torch'"]
+    return []
+
+
 def load_model_config(run: RunConfig):
-    """The model's HF config (only its metadata is read, also from a GGUF file)."""
+    """The model's HF config (only its metadata is read, also from a GGUF file; read once per process)."""
     try:
-        return AutoConfig.from_pretrained(run.model.name_or_path, gguf_file=run.model.gguf_file,
-                                          trust_remote_code=run.model.trust_remote_code)
+        return _read_model_config(run.model.name_or_path, run.model.gguf_file, run.model.trust_remote_code)
     except OSError as err:
         raise _cannot_load_model(run, err) from err
+
+
+@functools.lru_cache(maxsize=4)
+def _read_model_config(name_or_path: str, gguf_file: str | None, trust_remote_code: bool):
+    # Reading a config from a GGUF file takes ~13 s; setup needs it twice (buffer sizes, task head).
+    return AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
 
 
 def _cannot_load_model(run: RunConfig, err: OSError) -> OSError:
@@ -331,9 +466,14 @@ def _cannot_load_model(run: RunConfig, err: OSError) -> OSError:
 
 
 def load_model(run: RunConfig, tokenizer, *, text_to_text: bool) -> torch.nn.Module:
-    """The pretrained model with the task's head, in fp32 (DeepSpeed casts to bf16 when enabled)."""
+    """The pretrained model with the task's head, in the training dtype.
+
+    Under ZeRO-3 (see :func:`partitioned_loading`) it comes back partitioned: each rank holds its share of
+    every parameter (``param.ds_tensor``), never the whole model.
+    """
+    dtype = torch.bfloat16 if run.model.dtype == "bf16" else torch.float32
     kwargs: dict[str, Any] = {"gguf_file": run.model.gguf_file, "trust_remote_code": run.model.trust_remote_code,
-                              "dtype": torch.float32}
+                              "dtype": dtype}
     if run.task == "causal_lm":
         auto_class = AutoModelForCausalLM
     elif run.task == "seq2seq" or text_to_text:
@@ -369,11 +509,24 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.Optimizer:
-    """torch AdamW (nothing to compile); biases and norm weights (1-D tensors) get no weight decay."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """AdamW as ``schedule.optimizer`` chooses: torch's (nothing to compile), DeepSpeed's FusedAdam (GPU) or
+    DeepSpeedCPUAdam (ZeRO-Offload). Biases and norm weights (1-D tensors) get no weight decay; under ZeRO-3
+    the dimensions are those of the whole parameter (``ds_shape``), not of this rank's empty placeholder."""
+    def dims(param: torch.nn.Parameter) -> int:
+        return len(getattr(param, "ds_shape", param.shape))
+
+    decay = [p for p in model.parameters() if p.requires_grad and dims(p) >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and dims(p) < 2]
     groups = [{"params": decay, "weight_decay": run.schedule.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if run.schedule.optimizer == "fused":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, lr=run.schedule.lr, adam_w_mode=True)
+    if run.schedule.optimizer == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=run.schedule.lr, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=run.schedule.lr)
 
 

@@ -6,6 +6,8 @@ tensor-fragment mapping DeepSpeed's universal checkpoint uses), the rank's parti
 (``deepspeed.utils.safe_get_local_*``). This module hands out that range of the fp32 master weights, of the
 gradient (between backward and step) and of the optimizer moments, and writes edits to both the fp32 master
 and the 16-bit/working copy (writing the working copy alone is undone by the next optimizer step).
+Each shard is handed out where DeepSpeed keeps it: on the accelerator, or in CPU memory when ZeRO-3
+offloads the optimizer (see :meth:`ZeroAccess._offloaded`); callers move their per-group factors to it.
 No NeuroPrune math lives here.
 """
 
@@ -15,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_get_local_grad,
                              safe_set_local_fp32_param, safe_set_local_grad)
 
@@ -45,6 +48,9 @@ class ZeroAccess:
         self._optimizer_keys: list[str] = []
         self.stage = engine.zero_optimization_stage()
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        offload = engine.zero_offload_optimizer() if self.stage == 3 else None
+        # NVMe offload swaps the partitions in and out around each access: only DeepSpeed's own API keeps that.
+        self.cpu_offload = offload is not None and str(getattr(offload.device, "value", offload.device)) == "cpu"
         for name, param in engine.module.named_parameters():
             hidden_master = param.dtype != torch.float32 and not self.is_partitioned(param)
             if param.requires_grad and hidden_master:
@@ -78,7 +84,8 @@ class ZeroAccess:
     def master(self, param: torch.nn.Parameter) -> torch.Tensor:
         """This rank's slice of the fp32 master weights (1-D). Treat as read-only; edit with ``edit_weights``."""
         if hasattr(param, "ds_id"):
-            return safe_get_local_fp32_param(param).detach()[:self.local_slice(param).numel]
+            master = self._offloaded(param) if self.cpu_offload else safe_get_local_fp32_param(param)
+            return master.detach()[:self.local_slice(param).numel]
         mapping = getattr(param, "_hp_mapping", "replicated")
         if mapping == "replicated":
             return param.detach().view(-1)
@@ -111,7 +118,8 @@ class ZeroAccess:
         """This rank's slice of the reduced gradient (1-D), to read between backward and step."""
         piece = self.local_slice(param)
         if hasattr(param, "ds_id"):
-            return safe_get_local_grad(param)[:piece.numel]
+            grad = self._offloaded(param, grad=True) if self.cpu_offload else safe_get_local_grad(param)
+            return grad[:piece.numel]
         mapping = getattr(param, "_hp_mapping", "replicated")
         if mapping == "replicated":
             return param.grad.view(-1)
@@ -129,9 +137,9 @@ class ZeroAccess:
         if piece.numel == 0:
             return
         if hasattr(param, "ds_id"):
-            grad = safe_get_local_grad(param)
+            grad = self._offloaded(param, grad=True) if self.cpu_offload else safe_get_local_grad(param)
             edit(grad[:piece.numel], piece)
-            safe_set_local_grad(param, grad)
+            safe_set_local_grad(param, grad)  # offloaded: a copy onto itself, but DeepSpeed re-takes its norm
             return
         edit(self.local_grad(param), piece)
 
@@ -157,7 +165,10 @@ class ZeroAccess:
         piece = self.local_slice(param)
         if piece.numel == 0:
             return
-        if hasattr(param, "ds_id"):
+        if hasattr(param, "ds_id") and self.cpu_offload:  # edited in place where ZeRO-Offload keeps it
+            master = self._offloaded(param)[:piece.numel]
+            edit(master, piece)
+        elif hasattr(param, "ds_id"):
             partition = safe_get_local_fp32_param(param)
             master = partition[:piece.numel]
             edit(master, piece)
@@ -207,6 +218,22 @@ class ZeroAccess:
         if self.local_slice(param).numel == 0:
             return 0
         return self.master(param).untyped_storage().data_ptr()
+
+    def _offloaded(self, param: torch.nn.Parameter, key: str | None = None, grad: bool = False) -> torch.Tensor:
+        """This rank's partition of ``param`` in ZeRO-Offload's CPU buffers, as a view (1-D, padded like
+        ``ds_tensor``): the fp32 master (``key`` None), an optimizer state, or the fp32 gradient.
+
+        ``safe_get_local_*`` copy these to the accelerator and ``safe_set_local_*`` copy them back: about 36
+        bytes of PCIe traffic per penalised element and step. This reads the same buffers through the
+        offsets DeepSpeed's own ``safe_*`` functions use, and waits for the gradient copies as they do.
+        """
+        optimizer = self.engine.optimizer
+        if not get_accelerator().resolves_data_dependency():
+            optimizer.reduce_and_partition_stream.synchronize()
+        group, offset, numel = optimizer.grad_position[optimizer.get_param_id(param)]
+        flat = optimizer.fp32_partitioned_groups_flat[group]
+        source = flat.grad if grad else flat if key is None else optimizer.optimizer.state[flat][key]
+        return source.narrow(0, offset, numel)
 
     # -- communication ---------------------------------------------------------------------------------
     def all_reduce_sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -8,11 +8,14 @@ optimizer step, or during the evaluation at that step), ``kill_in_save`` (SIGKIL
 after the others started writing), ``signal_in_prune`` (a signal to one rank while head pruning is at its
 second block), ``nan_grad_at`` (NaN in one rank's gradient shard at a step). ``guard_devices`` records the
 tensors the library creates without a device (tests/device_guard.py). Results (exit status, resume details,
-pruner masks after resume, head-pruning passes, those tensors) go to ``<plan dir>/result-<name>-rank<r>.json``.
+pruner masks after resume, head-pruning passes, those tensors, how this rank's model came back from loading,
+how many datasets map passes this rank computed rather than read from the cache) go to
+``<plan dir>/result-<name>-rank<r>.json``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -24,6 +27,7 @@ from neuroprune_ds.distributed import barrier_and_exit, setup_distributed_env
 
 def main(plan_path: str) -> None:
     setup_distributed_env()
+    import datasets
     import torch
 
     from neuroprune_ds import checkpoint, pruner, train
@@ -34,9 +38,23 @@ def main(plan_path: str) -> None:
     original_check = checkpoint.Preemption.check
     original_observe = checkpoint.FiniteGuard.observe
     original_prune = pruner.NeuroPruner.prune_heads
+    original_load_model = train.load_model
+    original_map_single = datasets.Dataset._map_single
     for run in plan:
         faults = run.get("faults", {})
-        record: dict = {}
+        record: dict = {"map_computed": 0}
+
+        def load_model(*args, record=record, **kwargs):
+            model = original_load_model(*args, **kwargs)
+            params = list(model.parameters())
+            record["loaded"] = {"partitioned": sum(hasattr(p, "ds_id") and p.numel() == 0 for p in params),
+                                "params": len(params), "dtypes": sorted({str(p.dtype) for p in params})}
+            return model
+
+        @functools.wraps(original_map_single)  # datasets reads its signature for the cache fingerprint
+        def map_single(*args, record=record, **kwargs):  # runs only when map misses the cache
+            record["map_computed"] += 1
+            yield from original_map_single(*args, **kwargs)
 
         def after_step(self, step, window, faults=faults):
             sig = faults.get("signal_at")
@@ -104,6 +122,8 @@ def main(plan_path: str) -> None:
         checkpoint.CheckpointManager.resume = resume
         checkpoint.Preemption.check = check
         checkpoint.FiniteGuard.observe = observe
+        train.load_model = load_model
+        datasets.Dataset._map_single = staticmethod(map_single)
         args = train.parse_args(["--config", run["config"], "--deepspeed", run["deepspeed"], *run.get("overrides", [])])
         if run.get("guard_devices"):  # record tensors the library creates without a device (tests/device_guard.py)
             from device_guard import DevicelessFactories

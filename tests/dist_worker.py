@@ -4,7 +4,7 @@
 
 Options: ``gc`` (activation checkpointing through the trainer's switch), ``persist`` (ZeRO-3 keeps parameters
 of at most PERSIST_NUMEL elements whole on every rank: in the equivalence model the attention matrices, while
-the FFN matrices stay partitioned). For each scenario it trains the equivalence model a few steps with the pruner, then records (collectively)
+the FFN matrices stay partitioned), ``offload`` (ZeRO-3 optimizer offload to CPU memory). For each scenario it trains the equivalence model a few steps with the pruner, then records (collectively)
 the gathered fp32 master weights, the working weights, the optimizer moments of pruned entries, the pruner's
 metrics and decisions. Rank 0 writes everything to OUT.pt; the test compares it with a single-process
 reference. A scenario that DeepSpeed cannot run records the exact exception text instead.
@@ -54,16 +54,39 @@ def parse(scenario: str) -> tuple[str, int, str, int, set[str], str]:
     return family, int(stage), dtype, gas, set(rest), variant
 
 
-def ds_config(stage: int, dtype: str, gas: int, persist_numel: int = 0) -> dict:
+def ds_config(stage: int, dtype: str, gas: int, persist_numel: int = 0, offload: bool = False) -> dict:
+    zero = {"stage": stage, "stage3_param_persistence_threshold": persist_numel}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": CLIP,
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": persist_numel},
+        "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bf16"},
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
     }
+
+
+ROUND_TRIPS = ("safe_get_local_fp32_param", "safe_set_local_fp32_param", "safe_get_local_grad",
+               "safe_get_local_optimizer_state", "safe_set_local_optimizer_state")
+"""DeepSpeed's local-shard functions that copy an offloaded shard to the accelerator (get) and back (set)."""
+
+
+def count_round_trips() -> dict[str, int]:
+    """Count the pruner's calls of :data:`ROUND_TRIPS` (patched into neuroprune_ds.zero_access)."""
+    from neuroprune_ds import zero_access
+
+    counts = dict.fromkeys(ROUND_TRIPS, 0)
+    for name in ROUND_TRIPS:
+        def counted(*args, name=name, original=getattr(zero_access, name)):
+            counts[name] += 1
+            return original(*args)
+
+        setattr(zero_access, name, counted)
+    return counts
 
 
 def gathered_working(engine, param) -> torch.Tensor:
@@ -81,7 +104,8 @@ def moments(engine, pruner, param) -> dict:
     return {k: state[k].detach().float().clone() for k in keys}
 
 
-def run(family: str, stage: int, dtype: str, gas: int, options: set[str], variant: str = "") -> dict:
+def run(family: str, stage: int, dtype: str, gas: int, options: set[str], variant: str = "",
+        round_trips=None) -> dict:
     model = equivalence_model(family)
     if "gc" in options:
         enable_activation_checkpointing(model)
@@ -93,13 +117,14 @@ def run(family: str, stage: int, dtype: str, gas: int, options: set[str], varian
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     persist_numel = PERSIST_NUMEL if "persist" in options else 0
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=ds_config(stage, dtype, gas, persist_numel))
+                                      config=ds_config(stage, dtype, gas, persist_numel, "offload" in options))
     pruner = NeuroPruner(engine, VARIANTS[variant])
     pruner.total_steps = STEPS
     # What stop_at_zero holds during a step (registered after the pruner's hook, so it sees the signs taken)
     sign_bytes = []
     pruner.access.inner_optimizer().register_step_pre_hook(lambda *_: sign_bytes.append(
         sum(t.numel() * t.element_size() for t in pruner._signs_before_step.values())))
+    calls_before = dict(round_trips)
     rank = dist.get_rank()
     losses, penalties, support_at_recovery = [], [], None
     for step in range(STEPS):
@@ -115,6 +140,7 @@ def run(family: str, stage: int, dtype: str, gas: int, options: set[str], varian
             pruner.after_step()
             losses.append(float(loss.detach()))
         penalties.append(dict(pruner.last_penalties))
+    calls = {name: round_trips[name] - calls_before[name] for name in round_trips}
     partitioned = {name: not pruner.access.local_slice(p).is_full for name, p in pruner.params.items()}
     penalised = set(pruner._penalised_names())
     masked = {e[0] for b in pruner.arch.attention for e in pruner._mask_entries(b)}
@@ -138,6 +164,8 @@ def run(family: str, stage: int, dtype: str, gas: int, options: set[str], varian
                             "full": sum(pruner.params[n].ds_numel if hasattr(pruner.params[n], "ds_id")
                                         else pruner.params[n].numel() for n in penalised)},
         "persistent": sorted(name for name, p in pruner.params.items() if getattr(p, "ds_persist", False)),
+        "offloaded": bool(engine.zero_offload_optimizer()),
+        "round_trips": calls,
     }
     engine.destroy()
     return result
@@ -149,9 +177,10 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=180))
     torch.set_num_threads(1)
     results = {}
+    round_trips = count_round_trips()
     for scenario in scenarios:
         try:
-            results[scenario] = run(*parse(scenario))
+            results[scenario] = run(*parse(scenario), round_trips=round_trips)
         except Exception:  # DeepSpeed cannot run this scenario here: record its exact error for the test
             results[scenario] = {"error": traceback.format_exc()}
             if dist.get_rank() == 0:

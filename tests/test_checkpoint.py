@@ -157,6 +157,44 @@ def test_exact_resume_at_every_zero_stage(tmp_path, assets):
         assert summary == json.loads((ref / "neuroprune_summary.json").read_text())
 
 
+# ------------------------------------------------------------- partitioned loading, data at scale
+
+
+def test_zero3_loads_partitioned_trains_like_zero0_and_each_node_tokenizes_once(tmp_path, assets):
+    """Under ZeRO-3 every parameter is an empty placeholder with a ds_id right after from_pretrained, and the
+    per-step losses, lr and sparsity (weight decay on, so 2-D shapes must be read from ds_shape) equal ZeRO-0's
+    whole-model run. Only local rank 0 tokenizes (rank 1 reads its cache), a later run reuses the cache, and
+    a datasets.save_to_disk directory of the same token ids trains exactly like the text."""
+    import datasets
+
+    text = tmp_path / "text.txt"  # a path of its own: no earlier test has tokenized it
+    text.write_text((assets / "train.txt").read_text())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(assets / "model")
+    ids = tokenizer(text.read_text().splitlines(), add_special_tokens=True)["input_ids"]
+    datasets.Dataset.from_dict({"input_ids": ids}).save_to_disk(tmp_path / "tokens")
+    sections = {"schedule": {"weight_decay": 0.1}}
+    plan = [
+        run_entry("z3", write_run(tmp_path, assets, "z3", data={"train": str(text)}, **sections), ds_json(tmp_path, 3)),
+        run_entry("z0", write_run(tmp_path, assets, "z0", data={"train": str(text)}, **sections), ds_json(tmp_path, 0)),
+        run_entry("tokens", write_run(tmp_path, assets, "tokens", data={"train": str(tmp_path / "tokens")}, **sections),
+                  ds_json(tmp_path, 3)),
+    ]
+    code, output, results = launch(tmp_path, plan)
+    assert code == 0, output[-6000:]
+    z3, z0 = results["z3", 0]["loaded"], results["z0", 0]["loaded"]
+    assert z3["partitioned"] == z3["params"] > 0 and z0["partitioned"] == 0, (z3, z0)
+    assert [results[run, 1]["loaded"] for run in ("z3", "tokens")] == [z3, z3]
+    for key, tolerance in (("train/loss", 2e-5), ("train/lr", 0.0), ("sparsity/weight", 1e-3)):
+        reference = per_step(tmp_path / "z0", key)
+        assert [s for s, _ in per_step(tmp_path / "z3", key)] == [s for s, _ in reference] == list(range(1, TOTAL + 1))
+        assert [v for _, v in per_step(tmp_path / "z3", key)] == pytest.approx([v for _, v in reference], abs=tolerance)
+    for key in ("train/loss", "train/lr", "train/grad_norm", "sparsity/weight"):
+        assert per_step(tmp_path / "tokens", key) == per_step(tmp_path / "z3", key), key
+    computed = {(run, rank): results[run, rank]["map_computed"] for run in ("z3", "z0", "tokens") for rank in (0, 1)}
+    assert computed[("z3", 0)] > 0 and computed[("tokens", 0)] > 0, computed
+    assert [computed[("z3", 1)], computed[("z0", 0)], computed[("z0", 1)], computed[("tokens", 1)]] == [0] * 4, computed
+
+
 # ------------------------------------------------------------------ faults: SIGKILL, eval signal, NaN
 
 

@@ -155,6 +155,50 @@ def test_classification_labels_int_string_and_text_to_text(tmp_path, tokenizer):
         build_task_data(run, tokenizer)
 
 
+def test_num_proc_tokenizes_in_worker_processes_to_the_same_examples(tmp_path, tokenizer):
+    rows = [{"text": sentence(i), "label": i % 2} for i in range(40)]
+    run = _run("classification", train=write_jsonl(tmp_path / "c.jsonl", rows), eval_fraction=0.25)
+    alone = build_task_data(run, tokenizer)
+    run.data.num_proc = 2
+    split = build_task_data(run, tokenizer)
+    assert len(split.train.cache_files) == 2  # one cache file per worker process
+    assert split.train.to_dict() == alone.train.to_dict() and split.eval.to_dict() == alone.eval.to_dict()
+
+
+def test_pretokenized_saved_datasets_train_without_tokenizing(tmp_path, tokenizer):
+    """A datasets.save_to_disk directory with input_ids is used as model inputs (detected or declared)."""
+    texts = [sentence(i) + "\n" for i in range(40)]
+    text = tmp_path / "t.txt"
+    text.write_text("".join(texts))
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    datasets.Dataset.from_dict({"input_ids": ids, "text": texts}).save_to_disk(tmp_path / "causal")
+    from_text = build_task_data(_run("causal_lm", train=str(text), max_length=8), tokenizer)
+    from_ids = build_task_data(_run("causal_lm", train=str(tmp_path / "causal"), max_length=8), tokenizer)
+    assert from_ids.train.to_dict() == from_text.train.to_dict() and from_ids.eval.to_dict() == from_text.eval.to_dict()
+
+    targets = [tokenizer(sentence(i + 1))["input_ids"] for i in range(10)]
+    datasets.Dataset.from_dict({"input_ids": ids[:10], "labels": targets, "note": ["x"] * 10}).save_to_disk(
+        tmp_path / "s2s")
+    data = build_task_data(_run("seq2seq", train=str(tmp_path / "s2s"), eval_fraction=0.3, pretokenized=True),
+                           tokenizer)
+    assert data.train.column_names == ["input_ids", "labels"] and len(data.eval) == 3
+    assert data.eval_references == [tokenizer.decode(r, skip_special_tokens=True) for r in data.eval["labels"]]
+    assert data.collate([data.train[i] for i in range(3)])["labels"].shape[0] == 3
+
+    datasets.Dataset.from_dict({"input_ids": ids[:10], "labels": [i % 2 for i in range(10)]}).save_to_disk(
+        tmp_path / "cls")
+    run = _run("classification", train=str(tmp_path / "cls"), eval_fraction=0.3)
+    data = build_task_data(run, tokenizer)
+    assert data.label_names == ["0", "1"] and data.eval_references == data.eval["labels"]
+    with pytest.raises(ValueError, match="text-to-text models"):
+        build_task_data(run, tokenizer, text_to_text=True)
+    with pytest.raises(ValueError, match=r"data.pretokenized: true, but data.train has no input_ids column"):
+        build_task_data(_run("causal_lm", train=str(text), pretokenized=True), tokenizer)
+    # Declared false, token ids are ignored and the text column is tokenized.
+    assert build_task_data(_run("causal_lm", train=str(tmp_path / "causal"), max_length=8, pretokenized=False),
+                           tokenizer).train.to_dict() == from_text.train.to_dict()
+
+
 def test_sharded_loader_partitions_each_epoch_and_resumes(tokenizer):
     dataset = datasets.Dataset.from_dict({"input_ids": [[i] for i in range(23)]})
     collate = lambda rows: torch.tensor([r["input_ids"][0] for r in rows])  # noqa: E731

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,8 +14,8 @@ from neuroprune_ds import config as config_module
 from neuroprune_ds.config import ModelConfig, RunConfig, ScheduleConfig
 from neuroprune_ds.config_loader import ConfigError
 from neuroprune_ds.logging_utils import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, heads_kept_figure
-from neuroprune_ds.train import (build_optimizer, config_reference, fill_deepspeed_config, parse_args,
-                                 prepare_deepspeed_config)
+from neuroprune_ds.train import (build_optimizer, config_reference, fill_deepspeed_config, model_hidden_size,
+                                 optimizer_errors, parse_args, prepare_deepspeed_config)
 
 
 def _leaf_paths(cls, prefix=""):
@@ -72,12 +74,62 @@ def test_prepared_deepspeed_config_refuses_optimizer_scheduler_and_other_clippin
     assert "deepspeed.gradient_clipping: 2.0 disagrees with schedule.grad_clip = 1.0" in str(error.value)
 
 
+def test_fill_deepspeed_config_sizes_auto_zero_buffers_from_the_hidden_size():
+    ds = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                                "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 10,
+                                "stage3_max_reuse_distance": "auto", "sub_group_size": "auto"}}
+    zero = fill_deepspeed_config(ds, _run(), 2, hidden_size=1000)["zero_optimization"]
+    assert zero == {"stage": 3, "reduce_bucket_size": 10**6, "stage3_prefetch_bucket_size": 900_000,
+                    "stage3_param_persistence_threshold": 10_000, "stage3_max_live_parameters": 10,
+                    "stage3_max_reuse_distance": 16 * 10**6, "sub_group_size": 16 * 10**6}
+    # At 70B sizes the live/reuse limits stop at DeepSpeed's own default.
+    assert fill_deepspeed_config(ds, _run(), 2, hidden_size=8192)["zero_optimization"]["stage3_max_reuse_distance"] == 10**9
+    with pytest.raises(ConfigError) as error:
+        fill_deepspeed_config(ds, _run(), 2)
+    assert len(error.value.errors) == 5
+    assert str(error.value.errors[0]).startswith('deepspeed.zero_optimization.reduce_bucket_size: "auto" needs')
+
+
+def test_hidden_size_of_configs_with_one_several_or_a_nested_text_config():
+    import transformers
+
+    assert model_hidden_size(transformers.T5Config(d_model=48)) == 48  # d_model through the attribute map
+    assert model_hidden_size(SimpleNamespace(hidden_sizes=[8, 64, 32])) == 64
+    assert model_hidden_size(SimpleNamespace(text_config=transformers.LlamaConfig(hidden_size=64))) == 64
+    assert model_hidden_size(SimpleNamespace()) is None
+
+
+@pytest.mark.parametrize(("optimizer", "offload", "message"), [
+    ("cpu_adam", None, "schedule.optimizer: 'cpu_adam' (DeepSpeedCPUAdam) steps optimizer states held in CPU memory"),
+    ("fused", "cpu", "schedule.optimizer: 'fused' (DeepSpeed FusedAdam) runs on the accelerator, but"),
+    ("fused", None, "schedule.optimizer: 'fused' (DeepSpeed FusedAdam) is a GPU kernel and the DeepSpeed accelerator "
+                    "here is 'cpu'"),
+    ("cpu_adam", "cpu", None), ("torch", "cpu", None), ("torch", None, None),
+])
+def test_optimizer_choice_is_checked_against_offload_and_accelerator(optimizer, offload, message):
+    zero = {"stage": 3} | ({"offload_optimizer": {"device": offload}} if offload else {})
+    errors = optimizer_errors({"zero_optimization": zero}, _run(optimizer=optimizer))
+    assert errors == ([] if message is None else [errors[0]]) and "\n" not in "".join(errors)
+    if message:
+        assert errors[0].startswith(message), errors
+
+
 def test_build_optimizer_exempts_biases_and_norms_from_weight_decay():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     optimizer = build_optimizer(model, _run(weight_decay=0.1, lr=3e-4))
     decay, no_decay = optimizer.param_groups
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])] and decay["weight_decay"] == 0.1
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0 and decay["lr"] == 3e-4
+
+
+def test_build_optimizer_reads_whole_shapes_of_zero3_partitioned_parameters():
+    """A ZeRO-3 parameter loaded partitioned holds an empty placeholder; its dimensions are in ds_shape."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    for param in model.parameters():
+        param.ds_shape = param.shape
+        param.data = torch.empty(0)
+    decay, no_decay = build_optimizer(model, _run(weight_decay=0.1)).param_groups
+    assert [p.ds_shape for p in decay["params"]] == [torch.Size([4, 3])] and len(no_decay["params"]) == 3
 
 
 def test_metrics_logger_forgets_what_an_interrupted_run_logged_after_the_resume_step(tmp_path):
@@ -131,3 +183,29 @@ def test_heads_kept_figure_has_a_panel_per_stack_and_kind():
     assert titles == ["encoder self: 2/6 kept", "decoder cross: 2/6 kept"]
     grid = figure.axes[0].images[0].get_array()
     assert grid.tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+
+
+def test_freed_tensors_go_back_to_the_system_after_release_freed_host_memory():
+    """Half of 64 tensors of 2 MiB freed in a checkerboard leaves holes that glibc keeps by default (once a
+    larger block has raised its mmap threshold); with fixed thresholds each block is its own mapping."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, torch
+from neuroprune_ds.train import release_freed_host_memory
+def anon_mib():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon:")) / 1024
+if sys.argv[1] == "release":
+    release_freed_host_memory()
+big = torch.ones(4 * 2**20)  # 16 MiB: freeing it raises glibc's mmap threshold to 16 MiB
+del big
+blocks = [torch.ones(2**19) for _ in range(64)]  # 2 MiB each
+before = anon_mib()
+del blocks[::2]
+print(before - anon_mib())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    freed = {mode: float(subprocess.run([sys.executable, "-c", script, mode], env=env, capture_output=True, text=True,
+                                        check=True).stdout.split()[-1]) for mode in ("default", "release")}
+    assert freed["release"] >= 60 > 8 >= freed["default"], freed  # 32 blocks of 2 MiB = 64 MiB

@@ -37,7 +37,8 @@ SCENARIOS = ([f"{f}:{s}:fp32" for f in FAMILIES for s in range(4)] + [f"{f}:3:bf
              + ["llama:3:fp32:persist", "t5:3:fp32:persist", "llama:3:bf16:persist"]
              # decoupled proximal steps, FFN unit pruning, relative theta, recovery (see dist_worker.VARIANTS)
              + [f"llama:{s}:fp32@decoupled" for s in range(4)] + ["llama:3:bf16@decoupled", "opt:3:fp32@decoupled"]
-             + ["llama:0:fp32@gradient_recovery", "llama:3:fp32@gradient_recovery"])
+             + ["llama:0:fp32@gradient_recovery", "llama:3:fp32@gradient_recovery"]
+             + ["llama:3:fp32:1:offload", "opt:3:bf16:1:offload"])  # optimizer states in CPU memory
 RECOVERING = [s for s in SCENARIOS if "@" in s]
 UNSUPPORTED = "llama:0:bf16"  # DeepSpeed's FP16_Optimizer hides the fp32 master: the pruner must refuse it
 pytestmark = pytest.mark.dist
@@ -304,6 +305,18 @@ def test_weights_equal_reference(ds_results, scenario):
     ref_update = torch.cat([(ref["params"][n] - init[n].detach()).flatten() for n in penalised])
     relative = float((update - ref_update).norm() / ref_update.norm())
     assert relative <= 0.025, f"the bf16 run's update differs from the fp32 reference's by {relative:.1%}"
+
+
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s.endswith(":offload")])
+def test_offloaded_shards_are_read_and_edited_in_cpu_memory(ds_results, scenario):
+    """Under ZeRO-3 offload the master, moments and gradient shards live in CPU memory: the pruner works on
+    them there instead of through safe_get_local_* (a copy to the accelerator) and safe_set_local_* (back).
+    The only remaining call refreshes DeepSpeed's norm of an edited gradient (safe_set_local_grad)."""
+    result = result_of(ds_results, scenario)
+    assert result["offloaded"]
+    assert result["round_trips"] == dict.fromkeys(W.ROUND_TRIPS, 0), result["round_trips"]
+    with_pruner_on_gpu_path = result_of(ds_results, scenario.removesuffix(":1:offload"))["round_trips"]
+    assert with_pruner_on_gpu_path["safe_get_local_fp32_param"] > 0  # the same run without offload uses them
 
 
 def test_bf16_at_zero_stage_0_is_refused_with_the_reason(ds_results):
