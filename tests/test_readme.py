@@ -17,9 +17,6 @@ README = (ROOT / "README.md").read_text()
 DOCS = {path: path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
 # Pages and scripts the README links that other branches of the project add: a missing one is tolerated,
 # an existing one is checked like any other. Drop an entry once it exists.
-NOT_YET_MERGED = {"docs/gpu.md", "docs/errors.md", "docs/memory.md", "docs/export.md", "tools/gpu_check.sh"}
-
-
 def _fenced_blocks(text: str, language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", text, re.M | re.S)
 
@@ -67,8 +64,6 @@ def test_relative_links_reach_a_file_and_heading_of_the_repository(page):
             continue
         path, _, anchor = target.partition("#")
         file = (page.parent / path).resolve() if path else page
-        if file.relative_to(ROOT).as_posix() in NOT_YET_MERGED and not file.exists():
-            continue
         assert file.exists(), f"{page.name}: link to missing {target}"
         if anchor:
             headings = re.findall(r"^#+ (.+)$", file.read_text(), re.M)
@@ -78,8 +73,7 @@ def test_relative_links_reach_a_file_and_heading_of_the_repository(page):
 @pytest.mark.parametrize("page", sorted(DOCS), ids=lambda p: str(p.relative_to(ROOT)))
 def test_repository_paths_named_in_the_docs_exist(page):
     for path in re.findall(r"`((?:neuroprune_ds|tools|launch|tests|ds_configs|docs)/[\w./*-]*\w)", DOCS[page]):
-        if path not in NOT_YET_MERGED or (ROOT / path).exists():
-            assert list(ROOT.glob(path)), f"{page.name} names {path}, which does not exist"
+        assert list(ROOT.glob(path)), f"{page.name} names {path}, which does not exist"
 
 
 def test_the_readme_run_config_is_valid():
