@@ -70,9 +70,9 @@ def ds_config(stage: int, dtype: str, gas: int, persist_numel: int = 0, offload:
     }
 
 
-ROUND_TRIPS = ("safe_get_local_fp32_param", "safe_set_local_fp32_param", "safe_get_local_grad",
-               "safe_get_local_optimizer_state", "safe_set_local_optimizer_state")
-"""DeepSpeed's local-shard functions that copy an offloaded shard to the accelerator (get) and back (set)."""
+ROUND_TRIPS = ("safe_get_local_fp32_param", "safe_set_local_fp32_param", "safe_get_local_grad")
+"""DeepSpeed's local-shard functions the pruner may call that copy an offloaded shard to the accelerator (get)
+and back (set). (Optimizer moments are reached as views of the optimizer's own state, never through them.)"""
 
 
 def count_round_trips() -> dict[str, int]:
