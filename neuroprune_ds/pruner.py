@@ -465,16 +465,8 @@ class NeuroPruner:
     def _mask_ffn_units(self, grads: bool, blocks: list[FFNBlock] | None = None) -> None:
         """Zero pruned FFN units' gradients, or their weights, fp32 master and optimizer moments."""
         for block in blocks or self.arch.ffn:
-            if bool(self.ffn_kept[block.name].all()):
-                continue
-            for name, axis, keep in self._ffn_mask_entries(block):
-                def zero(tensor: torch.Tensor, piece: FlatSlice, axis=axis, keep=keep) -> None:
-                    piece.scale_(tensor, keep, axis)
-
-                if grads:
-                    self.access.edit_grad(self.params[name], zero)
-                else:
-                    self.access.edit_weights(self.params[name], zero, moments=True)
+            if not bool(self.ffn_kept[block.name].all()):
+                self._zero_entries(self._ffn_mask_entries(block), grads)
 
     # -- masks -----------------------------------------------------------------------------------------
     def _mask_entries(self, block: AttentionBlock):
@@ -487,17 +479,21 @@ class NeuroPruner:
         yield block.o.weight, COL, q_keep
 
     def _mask(self, grads: bool, blocks: list[AttentionBlock] | None = None) -> None:
+        """Zero pruned heads' gradients, or their weights, fp32 master and optimizer moments."""
         for block in blocks or self.arch.attention:
-            if bool(self.alive[block.name].all()):
-                continue
-            for name, axis, keep in self._mask_entries(block):
-                def zero(tensor: torch.Tensor, piece: FlatSlice, axis=axis, keep=keep) -> None:
-                    piece.scale_(tensor, keep, axis)
+            if not bool(self.alive[block.name].all()):
+                self._zero_entries(self._mask_entries(block), grads)
 
-                if grads:
-                    self.access.edit_grad(self.params[name], zero)
-                else:
-                    self.access.edit_weights(self.params[name], zero, moments=True)
+    def _zero_entries(self, entries, grads: bool) -> None:
+        """Scale each (parameter, axis, keep) entry's gradient, or weights and moments, by its 0/1 keep mask."""
+        for name, axis, keep in entries:
+            def zero(tensor: torch.Tensor, piece: FlatSlice, axis=axis, keep=keep) -> None:
+                piece.scale_(tensor, keep, axis)
+
+            if grads:
+                self.access.edit_grad(self.params[name], zero)
+            else:
+                self.access.edit_weights(self.params[name], zero, moments=True)
 
     # -- head pruning ----------------------------------------------------------------------------------
     def prune_heads(self, should_stop: Callable[[], bool] | None = None) -> dict[str, dict[int, int]]:
