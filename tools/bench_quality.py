@@ -50,13 +50,18 @@ METHODS = ("neuroprune", "l1", "dense")
 # ---------------------------------------------------------------------------------------------- the parts
 
 
-def lm_part(out: Path, args) -> dict:
-    lines = [line for line in assets.austen_text().read_text(encoding="utf-8").splitlines() if line.strip()]
+def split_text(text_file: Path, data: Path) -> None:
+    """The non-empty lines of ``text_file``: the first 90% to ``data/train.txt``, the rest to ``data/eval.txt``."""
+    lines = [line for line in text_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     cut = int(len(lines) * 0.9)
-    data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     (data / "train.txt").write_text("\n".join(lines[:cut]) + "\n", encoding="utf-8")
     (data / "eval.txt").write_text("\n".join(lines[cut:]) + "\n", encoding="utf-8")
+
+
+def lm_part(out: Path, args) -> dict:
+    data = out / "data"
+    split_text(assets.austen_text(), data)
     return {
         "task": "causal_lm",
         "model": {"name_or_path": str(assets.smollm2_dir()), "dtype": "fp32"},

@@ -30,6 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_quality import split_text  # noqa: E402 (tools/ is on sys.path when run as a script)
 from neuroprune_ds import assets  # noqa: E402
 
 RUNS = ("dense", "gradient", "decoupled", "decoupled_recover")
@@ -37,12 +38,8 @@ BLOCK = 128
 
 
 def prepare_data(out: Path) -> dict[str, Path]:
-    lines = [line for line in assets.botchan_text().read_text(encoding="utf-8").splitlines() if line.strip()]
-    cut = int(len(lines) * 0.9)
     data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    (data / "train.txt").write_text("\n".join(lines[:cut]) + "\n", encoding="utf-8")
-    (data / "eval.txt").write_text("\n".join(lines[cut:]) + "\n", encoding="utf-8")
+    split_text(assets.botchan_text(), data)
     news = [json.loads(line)["source"] for line in assets.headlines_jsonl().read_text(encoding="utf-8").splitlines()]
     (data / "news.txt").write_text("\n".join(news) + "\n", encoding="utf-8")
     return {"train": data / "train.txt", "eval": data / "eval.txt", "news": data / "news.txt"}
