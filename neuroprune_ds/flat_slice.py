@@ -29,8 +29,8 @@ class Block:
     ncols: int
 
     def view(self, local: torch.Tensor) -> torch.Tensor:
-        """This block of a 1-D local tensor as an (nrows, ncols) view."""
-        return local[self.local_start:self.local_start + self.nrows * self.ncols].view(self.nrows, self.ncols)
+        """This block of a local tensor (..., numel) as an (..., nrows, ncols) view."""
+        return local.narrow(-1, self.local_start, self.nrows * self.ncols).unflatten(-1, (self.nrows, self.ncols))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,19 +85,22 @@ class FlatSlice:
         """Number of groups along ``axis``: rows for ROW, columns for COL."""
         return self.rows if axis == ROW else self.cols
 
-    def group_sums(self, local: torch.Tensor, axis: str) -> torch.Tensor:
+    def group_sums(self, local: torch.Tensor, axis: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Per-row (ROW) or per-column (COL) sums of this slice's elements (float64); zero for groups it misses.
 
-        Each block is reduced in ``local``'s dtype (fast), the partial sums are added in float64. Sums from
-        the slices of all ranks add up to the sums over the full matrix.
+        ``local`` is (..., numel): leading dimensions (e.g. |w| stacked on a presence mask) are reduced in the
+        same pass, giving (..., groups). Each block is reduced in ``local``'s dtype (fast), the partial sums
+        are added in float64, into ``out`` when given (float64 (..., groups), on any device: the sums move to
+        it). Sums from the slices of all ranks add up to the sums over the full matrix.
         """
-        out = torch.zeros(self.group_size(axis), dtype=torch.float64, device=local.device)
+        if out is None:
+            out = torch.zeros(local.shape[:-1] + (self.group_size(axis),), dtype=torch.float64, device=local.device)
         for block in self.blocks():
-            view = block.view(local)
             if axis == ROW:
-                out[block.row:block.row + block.nrows] += view.sum(dim=1)
+                start, sums = block.row, block.view(local).sum(dim=-1)
             else:
-                out[block.col:block.col + block.ncols] += view.sum(dim=0)
+                start, sums = block.col, block.view(local).sum(dim=-2)
+            out.narrow(-1, start, sums.shape[-1]).add_(sums.to(out.device))
         return out
 
     def group_values(self, per_group: torch.Tensor, block: Block, axis: str) -> torch.Tensor:
@@ -110,12 +113,12 @@ class FlatSlice:
         """Multiply every element in place by the value of its row (ROW) or column (COL)."""
         per_group = per_group.to(device=local.device, dtype=local.dtype)
         for block in self.blocks():
-            block.view(local).mul_(self.group_values(per_group.to(local.device, local.dtype), block, axis))
+            block.view(local).mul_(self.group_values(per_group, block, axis))
 
     def add_scaled_(self, target: torch.Tensor, source: torch.Tensor, per_group: torch.Tensor, axis: str,
                     alpha: float) -> None:
         """``target += alpha * per_group[group of element] * source``, in place on the local tensors."""
         per_group = per_group.to(device=target.device, dtype=target.dtype)
         for block in self.blocks():
-            weights = self.group_values(per_group.to(target.device, target.dtype), block, axis)
+            weights = self.group_values(per_group, block, axis)
             block.view(target).addcmul_(block.view(source), weights, value=alpha)

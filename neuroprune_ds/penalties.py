@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from neuroprune_ds.config import NeuroPruneConfig
 from neuroprune_ds.flat_slice import ROW, FlatSlice
+from neuroprune_ds.group_sets import Role
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,26 +55,32 @@ class GroupStats:
     connections: int
 
 
-def group_stats(members: list[GroupMember], epsilon: float) -> GroupStats:
+def group_stats(members: list[GroupMember], epsilon: float, out: torch.Tensor | None = None) -> GroupStats:
     """Per-group L1 norms and counts of |w| >= epsilon over the local slices of ``members`` (float64).
+
+    One pass per member: |w| and its presence mask are stacked and reduced together.
 
     Args:
         members: matrices sharing group indices; all must have the same number of groups.
         epsilon: magnitude below which a weight counts as absent.
+        out: float64 zeros of shape (2, groups) to accumulate into (row 0: L1, row 1: counts), e.g. a piece
+            of one buffer for all group sets; a new one when None.
 
     Returns:
-        Partial statistics: summing those of every rank's slices gives the full-matrix statistics.
+        Partial statistics (views of ``out``): summing those of every rank's slices gives the full-matrix
+        statistics.
     """
     sizes = {m.slice.group_size(m.axis) for m in members}
     assert len(sizes) == 1, f"group set members disagree on the number of groups: {sizes}"
-    l1, nonzero = 0, 0
+    if out is None:
+        out = torch.zeros(2, sizes.pop(), dtype=torch.float64, device=members[0].local.device)
     for m in members:
-        magnitude = m.local.abs()
-        l1 = l1 + m.slice.group_sums(magnitude, m.axis)
+        magnitude_and_present = m.local.new_empty((2, m.local.numel()))
+        magnitude = torch.abs(m.local, out=magnitude_and_present[0])
         # a float 0/1 tensor straight from the comparison: several times faster to reduce than a bool one
-        present = torch.ge(magnitude, epsilon, out=torch.empty_like(magnitude))
-        nonzero = nonzero + m.slice.group_sums(present, m.axis)
-    return GroupStats(l1, nonzero, sum(m.connections_per_group for m in members))
+        torch.ge(magnitude, epsilon, out=magnitude_and_present[1])
+        m.slice.group_sums(magnitude_and_present, m.axis, out=out)
+    return GroupStats(out[0], out[1], sum(m.connections_per_group for m in members))
 
 
 def degree_weights(stats: GroupStats, c_min: float) -> torch.Tensor:
@@ -81,9 +89,9 @@ def degree_weights(stats: GroupStats, c_min: float) -> torch.Tensor:
     return 1.0 / connectivity.clamp(min=c_min)
 
 
-def mlp_penalty_value(stats: GroupStats, omega: torch.Tensor) -> float:
-    """R_MLP of one group set: sum_i omega_i * ||group_i||_1."""
-    return float((omega * stats.l1).sum())
+def mlp_penalty_value(stats: GroupStats, omega: torch.Tensor) -> torch.Tensor:
+    """R_MLP of one group set, a 0-d tensor where the statistics are: sum_i omega_i * ||group_i||_1."""
+    return (omega * stats.l1).sum()
 
 
 def attention_group_scale(stats: GroupStats, delta: float) -> torch.Tensor:
@@ -91,9 +99,46 @@ def attention_group_scale(stats: GroupStats, delta: float) -> torch.Tensor:
     return 0.5 / torch.sqrt(stats.l1 + delta)
 
 
-def attention_penalty_value(stats: GroupStats, delta: float) -> float:
-    """R_att of one attention block: sum_i sqrt(g_i + delta) - sqrt(delta)."""
-    return float((torch.sqrt(stats.l1 + delta) - math.sqrt(delta)).sum())
+def attention_penalty_value(stats: GroupStats, delta: float) -> torch.Tensor:
+    """R_att of one attention block, a 0-d tensor where the statistics are: sum_i sqrt(g_i + delta) - sqrt(delta)."""
+    return (torch.sqrt(stats.l1 + delta) - math.sqrt(delta)).sum()
+
+
+@dataclass(frozen=True, slots=True)
+class Penalty:
+    """The run's penalty, chosen once (``penalty: neuroprune`` or ``l1``), for the gradient and the decoupled mode.
+
+    A penalised group set's gradient is ``lam * f[group] * sign(w)`` and its proximal threshold
+    ``lr * lam * f[group]``, with ``lam`` and the per-group factor ``f`` from here: mlp_lambda for FFN sets and
+    attn_lambda for attention sets; f the degree weights omega (FFN) or the attention scale, or 1 everywhere
+    for plain L1.
+    """
+
+    plain_l1: bool
+    mlp_lambda: float
+    attn_lambda: float
+    delta: float
+
+    @classmethod
+    def of(cls, config: NeuroPruneConfig) -> Penalty:
+        return cls(config.penalty == "l1", config.mlp_lambda, config.attn_lambda, config.delta)
+
+    def lam(self, role: Role) -> float:
+        """The configured lambda of a set in ``role`` (before warm-up and the controller's scale)."""
+        return self.attn_lambda if role.attention else self.mlp_lambda
+
+    def factor(self, role: Role, stats: GroupStats, omega: torch.Tensor | None) -> torch.Tensor:
+        """f per group of a set in ``role``; ``omega`` its degree weights (FFN sets), ``stats`` its statistics."""
+        if self.plain_l1:
+            return torch.ones_like(stats.l1)
+        return attention_group_scale(stats, self.delta) if role.attention else omega
+
+    def value(self, role: Role, stats: GroupStats, omega: torch.Tensor | None) -> torch.Tensor:
+        """The penalty of a set in ``role`` without its lambda, a 0-d tensor: sum_i ||group_i||_1 for plain
+        L1, R_MLP or R_att otherwise."""
+        if self.plain_l1:
+            return stats.l1.sum()
+        return attention_penalty_value(stats, self.delta) if role.attention else mlp_penalty_value(stats, omega)
 
 
 def add_penalty_grad_(grad: torch.Tensor, member: GroupMember, per_group: torch.Tensor, lam: float) -> None:
@@ -151,7 +196,8 @@ def soft_threshold_(local: torch.Tensor, piece: FlatSlice, threshold: torch.Tens
         threshold: t, one value >= 0 per group of the full matrix.
         axis: ROW (a group is a row) or COL (a column).
     """
+    threshold = threshold.to(device=local.device, dtype=local.dtype)  # once, where the shard is (offload: CPU)
     for block in piece.blocks():
         view = block.view(local)
-        shrunk = (view.abs() - piece.group_values(threshold.to(local.dtype), block, axis)).clamp_(min=0)
+        shrunk = (view.abs() - piece.group_values(threshold, block, axis)).clamp_(min=0)
         view.copy_(shrunk.mul_(torch.sign(view)))

@@ -21,6 +21,8 @@ quantile rule, measured on the optimizer's own (Adam-normalised) displacement in
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 
 import torch
@@ -34,52 +36,62 @@ SAMPLE_STRIDE = 29
 HORIZON = 30  # steps: weights already on their way to zero keep going; aim at where sparsity will be then
 
 
-def add_ratio_histogram_(hist: torch.Tensor, grad: torch.Tensor, piece: FlatSlice, axis: str,
-                         inverse_penalty: torch.Tensor, stride: int = SAMPLE_STRIDE) -> None:
-    """Add the log10 histogram of r = |grad| * inverse_penalty[group] of a local shard into ``hist``.
+def sampled_ratios(sampled: torch.Tensor, piece: FlatSlice, axis: str, inverse_penalty: torch.Tensor,
+                   stride: int = SAMPLE_STRIDE) -> torch.Tensor:
+    """r = |x| * inverse_penalty[group] (float64) at every ``stride``-th element of a local shard x.
 
-    Only every ``stride``-th element is sampled (a quantile needs a sample, not every weight; the prime
-    stride does not alias with power-of-two row widths), so this costs a small fraction of a pass.
+    A quantile needs a sample, not every weight; the prime stride does not alias with power-of-two row
+    widths, so this costs a small fraction of a pass.
 
     Args:
-        hist: float64 (BINS,) accumulator.
-        grad: the local task-gradient shard (1-D), read only.
-        piece: its slice of the parameter.
+        sampled: ``x[::stride]`` of the local shard x (1-D): the task gradient, or the optimizer's displacement.
+        piece: the shard's slice of the parameter.
         axis: the group axis of this parameter.
         inverse_penalty: 1 / (lambda * f) per group.
-        stride: sampling stride.
+        stride: the sampling stride ``sampled`` was taken with.
+
+    Returns:
+        The ratios, on ``sampled``'s device.
     """
-    add_sampled_ratio_histogram_(hist, grad[::stride].abs(), piece, axis, inverse_penalty, stride)
-
-
-def add_sampled_ratio_histogram_(hist: torch.Tensor, magnitude: torch.Tensor, piece: FlatSlice, axis: str,
-                                 inverse_penalty: torch.Tensor, stride: int = SAMPLE_STRIDE) -> None:
-    """As :func:`add_ratio_histogram_`, given ``magnitude`` = |x|[::stride] of a local shard x already sampled."""
-    flat_index = torch.arange(0, magnitude.numel(), device=magnitude.device) * stride + piece.offset
+    flat_index = torch.arange(piece.offset, piece.offset + sampled.numel() * stride, stride, device=sampled.device)
     group = flat_index // piece.cols if axis == ROW else flat_index % piece.cols
-    ratio = magnitude.double() * inverse_penalty.to(magnitude.device)[group]
-    position = (torch.log10(ratio).clamp_(LOG_MIN, LOG_MAX) - LOG_MIN) * (BINS / (LOG_MAX - LOG_MIN))
+    return sampled.abs() * inverse_penalty.to(sampled.device)[group]  # float64 product, like .double() first
+
+
+def add_histogram_(hist: torch.Tensor, ratios: torch.Tensor) -> None:
+    """Add the log10 histogram (BINS fixed bins over 10^LOG_MIN .. 10^LOG_MAX) of ``ratios`` into ``hist``."""
+    position = (torch.log10(ratios).clamp_(LOG_MIN, LOG_MAX) - LOG_MIN) * (BINS / (LOG_MAX - LOG_MIN))
     hist += torch.bincount(position.long().clamp_(0, BINS - 1), minlength=BINS).to(hist)
 
 
-def fraction_below(hist: torch.Tensor, scale: float) -> float:
+def add_ratio_histogram_(hist: torch.Tensor, grad: torch.Tensor, piece: FlatSlice, axis: str,
+                         inverse_penalty: torch.Tensor, stride: int = SAMPLE_STRIDE) -> None:
+    """Add the log10 histogram of the :func:`sampled_ratios` of one local shard ``grad`` into ``hist``
+    (float64 (BINS,))."""
+    add_histogram_(hist, sampled_ratios(grad[::stride], piece, axis, inverse_penalty, stride))
+
+
+def _values(hist: torch.Tensor | list[float]) -> list[float]:
+    return hist.tolist() if torch.is_tensor(hist) else hist
+
+
+def fraction_below(hist: torch.Tensor | list[float], scale: float) -> float:
     """The fraction of the histogrammed ratios below ``scale`` (whole bins: those whose upper edge is <= it)."""
-    total = float(hist.sum())
+    counts = _values(hist)
+    total = math.fsum(counts)
     if total == 0:
         return 0.0
     full_bins = int((math.log10(scale) - LOG_MIN) * BINS / (LOG_MAX - LOG_MIN))
-    return float(hist[:min(max(full_bins, 0), BINS)].sum()) / total
+    return math.fsum(counts[:min(max(full_bins, 0), BINS)]) / total
 
 
-def quantile_scale(hist: torch.Tensor, fraction: float) -> float:
+def quantile_scale(hist: torch.Tensor | list[float], fraction: float) -> float:
     """The smallest scale s such that at least ``fraction`` of the histogrammed ratios are below s."""
-    total = float(hist.sum())
+    cumulative = list(itertools.accumulate(_values(hist)))
+    total = cumulative[-1]
     if total == 0:
         return 1.0
-    cumulative = torch.cumsum(hist, dim=0)
-    index = int(torch.searchsorted(cumulative, torch.tensor(min(max(fraction, 0.0), 1.0) * total,
-                                                            dtype=cumulative.dtype, device=cumulative.device)))
-    index = min(index, BINS - 1)
+    index = min(bisect.bisect_left(cumulative, min(max(fraction, 0.0), 1.0) * total), BINS - 1)
     upper_edge = LOG_MIN + (index + 1) * (LOG_MAX - LOG_MIN) / BINS
     return 10.0 ** upper_edge
 
@@ -99,21 +111,22 @@ class SparsityController:
         self.rate = 0.0
         self.pushed_fraction = 0.0  # of the last step's sampled weights, those the penalty outweighs at its scale
 
-    def update(self, hist: torch.Tensor | None, needed_fraction: float, target: float, measured: float) -> float:
+    def update(self, hist: torch.Tensor | list[float] | None, target: float, measured: float) -> float:
         """One step; returns the new lambda scale.
 
         Args:
-            hist: summed histogram of log10 ratios of all penalised weights (None: keep the feed-forward term).
-            needed_fraction: fraction of penalised weights that must be zero to reach ``target``.
-            target: the sparsity wanted now.
+            hist: summed histogram of log10 ratios of all penalised weights, as a tensor or its values on the
+                host (None: keep the feed-forward term).
+            target: the sparsity wanted now, the fraction of penalised weights that must be zero.
             measured: the sparsity measured now.
         """
         if self.previous is not None:
             self.rate += SMOOTHING * ((measured - self.previous) - self.rate)
         self.previous = measured
         ahead = HORIZON * max(self.rate, 0.0)  # sparsity that weights in flight will still add
-        if hist is not None and float(hist.sum()) > 0:
-            log_now = math.log(quantile_scale(hist, needed_fraction - ahead))
+        hist = None if hist is None else _values(hist)
+        if hist is not None and math.fsum(hist) > 0:
+            log_now = math.log(quantile_scale(hist, target - ahead))
             if self.log_feedforward is None:
                 self.log_feedforward = log_now
             self.log_feedforward += SMOOTHING * (log_now - self.log_feedforward)

@@ -130,7 +130,7 @@ def run(family: str, stage: int, dtype: str, gas: int, options: set[str], varian
     for step in range(STEPS):
         if pruner.config.recover_steps and step == STEPS - pruner.config.recover_steps:
             support_at_recovery = {name: pruner.access.full_fp32(pruner.params[name]) != 0
-                                   for name in pruner._penalised_names()}
+                                   for name in pruner.penalised_names}
         for micro in range(gas):
             inputs = {k: v.to(engine.device) for k, v in batch(family, step, rank, micro).items()}
             loss = engine(**inputs).loss
@@ -142,9 +142,9 @@ def run(family: str, stage: int, dtype: str, gas: int, options: set[str], varian
         penalties.append(dict(pruner.last_penalties))
     calls = {name: round_trips[name] - calls_before[name] for name in round_trips}
     partitioned = {name: not pruner.access.local_slice(p).is_full for name, p in pruner.params.items()}
-    penalised = set(pruner._penalised_names())
-    masked = {e[0] for b in pruner.arch.attention for e in pruner._mask_entries(b)}
-    masked |= {e[0] for b in pruner.arch.ffn for e in pruner._ffn_mask_entries(b)} | set(pruner._penalised_names())
+    penalised = set(pruner.penalised_names)
+    masked = {e[0] for b in pruner.arch.attention for e in pruner.structure.mask_entries(b)}
+    masked |= {e[0] for b in pruner.arch.ffn for e in pruner.structure.ffn_mask_entries(b)} | penalised
     result = {
         "master": {name: pruner.access.full_fp32(p) for name, p in pruner.params.items()},
         "working": {name: gathered_working(engine, p) for name, p in pruner.params.items()},

@@ -43,7 +43,7 @@ def test_mlp_hand_worked_example():
     # column 0 of down: 2 of 3 non-zero -> omega 1.5, L1 2; column 1 empty -> c = 0 -> omega 1 / c_min = 20.
     omega_out = degree_weights(stats_out, c_min=0.05)
     assert omega_out.tolist() == pytest.approx([1.5, 20.0])
-    total = mlp_penalty_value(stats_in, omega_in) + mlp_penalty_value(stats_out, omega_out)
+    total = float(mlp_penalty_value(stats_in, omega_in) + mlp_penalty_value(stats_out, omega_out))
     assert total == pytest.approx(3 * 3 + 3 * 1 + 1.5 * 2 + 20 * 0)
 
     grad = torch.zeros(6)
@@ -64,7 +64,7 @@ def test_attention_hand_worked_example():
     v = torch.tensor([[8.0, 0.0]])
     stats = group_stats([full(q, COL), full(k, COL), full(v, COL)], epsilon=1e-4)
     assert stats.l1.tolist() == [9.0, 4.0]  # |1|+|0|+|0|+|8|, |-1|+|2|+|1|+|0|
-    assert attention_penalty_value(stats, delta=0.0) == pytest.approx(3.0 + 2.0)
+    assert float(attention_penalty_value(stats, delta=0.0)) == pytest.approx(3.0 + 2.0)
     scale = attention_group_scale(stats, delta=0.0)
     assert scale.tolist() == pytest.approx([1 / 6, 1 / 4])
     grad = torch.zeros(4)
@@ -73,7 +73,7 @@ def test_attention_hand_worked_example():
     # delta keeps the gradient finite for an all-zero group and R_att(0) = 0.
     zero = torch.zeros(2, 2)
     zstats = group_stats([full(zero, COL)], epsilon=1e-4)
-    assert attention_penalty_value(zstats, delta=1e-8) == 0.0
+    assert float(attention_penalty_value(zstats, delta=1e-8)) == 0.0
     assert attention_group_scale(zstats, delta=1e-8).tolist() == pytest.approx([0.5e4, 0.5e4])
 
 
@@ -87,7 +87,7 @@ def test_mlp_gradient_equals_autograd():
     params = [t.clone().requires_grad_() for t in (gate, up, down)]
     value = mlp_penalty([(params[0], ROW), (params[1], ROW)], omega_in) + mlp_penalty([(params[2], COL)], omega_out)
     value.backward()
-    assert float(value.detach()) == pytest.approx(mlp_penalty_value(stats_in, omega_in) + mlp_penalty_value(stats_out, omega_out))
+    assert float(value.detach()) == pytest.approx(float(mlp_penalty_value(stats_in, omega_in) + mlp_penalty_value(stats_out, omega_out)))
     for param, (weight, axis, omega) in zip(params, [(gate, ROW, omega_in), (up, ROW, omega_in), (down, COL, omega_out)]):
         grad = torch.zeros(weight.numel())
         add_penalty_grad_(grad, full(weight, axis), omega, lam=1.0)
@@ -103,7 +103,7 @@ def test_attention_gradient_equals_autograd():
     params = [t.clone().requires_grad_() for t in (q, k, v)]
     attention_penalty(*params, delta=1e-8).backward()
     stats = group_stats([full(t, COL) for t in (q, k, v)], 1e-4)
-    assert float(attention_penalty(q, k, v, 1e-8)) == pytest.approx(attention_penalty_value(stats, 1e-8), rel=1e-6)
+    assert float(attention_penalty(q, k, v, 1e-8)) == pytest.approx(float(attention_penalty_value(stats, 1e-8)), rel=1e-6)
     scale = attention_group_scale(stats, 1e-8)
     for param, weight in zip(params, (q, k, v)):
         grad = torch.zeros(weight.numel())

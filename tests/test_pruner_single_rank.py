@@ -1,15 +1,41 @@
 """The pruner on a one-rank engine, by hand: ``penalty: l1`` and ``stop_at_zero``."""
 
 import copy
+import re
 
 import pytest
 import torch
 
 from neuroprune_ds.config import NeuroPruneConfig
 from neuroprune_ds.pruner import NeuroPruner
-from tiny_models import batch, equivalence_model, init_single_rank
+from tiny_models import batch, equivalence_model, init_single_rank, tiny_model
 
 MLP_LAMBDA, ATTN_LAMBDA = 3e-3, 7e-3
+# Q, K, V and the FFN matrices of each family, by module name (the output projections o_proj, out_proj, o and
+# attention.output.dense are not penalised)
+ATTENTION_INPUTS = re.compile(r"\.(self_attn|encoder_attn|SelfAttention|EncDecAttention|attention\.self)"
+                              r"\.(q_proj|k_proj|v_proj|q|k|v|query|key|value)\.weight$")
+FFN_MATRICES = re.compile(r"\.(mlp\.(gate_proj|up_proj|down_proj)|fc1|fc2|DenseReluDense\.(wi|wi_0|wi_1|wo)"
+                          r"|intermediate\.dense|layer\.\d+\.output\.dense)\.weight$")
+
+
+def qkv_and_ffn_weights(model) -> set[str]:
+    return {name for name, _ in model.named_parameters() if ATTENTION_INPUTS.search(name) or FFN_MATRICES.search(name)}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("family", ["llama", "opt", "t5", "bart", "bert"])
+def test_the_penalised_weights_are_q_k_v_and_the_ffn_matrices(family):
+    """One definition: the penalty acts on, and the weight sparsity counts, exactly Q, K, V and the FFN
+    matrices of every block; no output projection."""
+    model = tiny_model(family)
+    expected = qkv_and_ffn_weights(model)
+    engine = _one_rank_engine(model)
+    pruner = NeuroPruner(engine, NeuroPruneConfig())
+    assert set(pruner.penalised_names) == expected and len(pruner.penalised_names) == len(expected)
+    counted = sum(engine.module.get_parameter(name).numel() for name in expected)
+    assert sum(weights for _, weights in pruner._block_sparsity(pruner.statistics()).values()) == counted
+    engine.destroy()
 
 
 @pytest.mark.dist
@@ -32,18 +58,15 @@ def test_l1_penalty_adds_lambda_times_sign_to_penalised_weights_only(family):
     engine.backward(engine(**inputs).loss)
     pruner.after_backward()
 
-    lambdas = {name: (MLP_LAMBDA if s.kind == "mlp" else ATTN_LAMBDA)
-               for s in pruner.group_sets if s.kind in ("mlp", "attn") for name, _ in s.members}
-    assert any("mlp" in n or "intermediate" in n or "output.dense" in n for n in lambdas)
-    assert any("q" in n for n in lambdas)
+    lambdas = {name: ATTN_LAMBDA if ATTENTION_INPUTS.search(name) else MLP_LAMBDA
+               for name in qkv_and_ffn_weights(engine.module)}
+    assert set(pruner.penalised_names) == set(lambdas)
     l1 = {"mlp": 0.0, "attn": 0.0}
     for name, param in engine.module.named_parameters():
         expected = task_grads[name] + lambdas.get(name, 0.0) * torch.sign(param.detach())
         torch.testing.assert_close(param.grad, expected, rtol=0, atol=1e-7, msg=name)
         if name in lambdas:
             l1["mlp" if lambdas[name] == MLP_LAMBDA else "attn"] += float(param.detach().double().abs().sum())
-    # o_proj / attention.output.dense are not penalised: their gradient is the task gradient alone
-    assert any(("o_proj" in n or "attention.output.dense" in n) and n not in lambdas for n in task_grads)
     assert pruner.last_penalties["mlp"] == pytest.approx(l1["mlp"], rel=1e-7)  # group sums run in float32
     assert pruner.last_penalties["attn"] == pytest.approx(l1["attn"], rel=1e-7)  # group sums run in float32
     engine.destroy()
@@ -136,13 +159,14 @@ def test_head_pruning_stopped_between_blocks_keeps_the_done_blocks_and_finishes_
         e.destroy()
 
 
-def _one_rank_engine(model, lr=1e-3):
+def _one_rank_engine(model, lr=1e-3, weight_decay=0.01, clip=1.0):
     import deepspeed
 
     init_single_rank()
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
-                                      config={"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9,
-                                              "gradient_clipping": 1.0, "zero_optimization": {"stage": 0}})
+    config = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9, "gradient_clipping": clip,
+              "zero_optimization": {"stage": 0}}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
 

@@ -35,12 +35,12 @@ def test_ratio_histogram_and_quantile_by_hand():
 def test_controller_integral_is_bounded_and_acts_on_the_error():
     controller = SparsityController(gain=1.0)
     for _ in range(100):
-        scale = controller.update(None, 0.5, target=0.5, measured=0.0)
+        scale = controller.update(None, target=0.5, measured=0.0)
     assert scale == pytest.approx(math.exp(3.0))  # the integral term saturates at e^3
     state = controller.state_dict()
     other = SparsityController(gain=1.0)
     other.load_state_dict(state)
-    assert other.update(None, 0.5, 0.5, 0.0) == controller.update(None, 0.5, 0.5, 0.0)
+    assert other.update(None, 0.5, 0.0) == controller.update(None, 0.5, 0.0)
 
 
 def test_pushed_fraction_reports_how_many_weights_the_penalty_outweighs():
@@ -51,10 +51,10 @@ def test_pushed_fraction_reports_how_many_weights_the_penalty_outweighs():
     assert fraction_below(hist, 1e-3) == 0.0 and fraction_below(hist, 1e3) == 1.0
     assert fraction_below(hist, 10 ** -1.0) == pytest.approx(0.50, abs=0.02)
     controller = SparsityController(gain=1.0)
-    controller.update(hist, 0.2, target=0.2, measured=0.2)
+    controller.update(hist, target=0.2, measured=0.2)
     assert controller.pushed_fraction == pytest.approx(0.2, abs=0.02)  # on target: the 20% quantile
     for _ in range(50):  # measured sparsity far behind: the integral winds up to e^3 above that quantile,
-        controller.update(hist, 0.2, target=0.2, measured=0.0)  # 3 / ln(10) = 1.3 decades = 33 more weights
+        controller.update(hist, target=0.2, measured=0.0)  # 3 / ln(10) = 1.3 decades = 33 more weights
     assert controller.pushed_fraction == pytest.approx(0.53, abs=0.02)
 
 

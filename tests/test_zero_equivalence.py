@@ -249,7 +249,7 @@ def reference_metrics(ref) -> dict:
         if hasattr(block, "inputs"):
             names = [i.weight for i in block.inputs] + [block.output.weight]
         else:
-            names = [lin.weight for lin in (block.q, block.k, block.v, block.o)]
+            names = [lin.weight for lin in (block.q, block.k, block.v)]  # the output projection is not penalised
         zeros = sum(int((params[n].abs() < eps).sum()) for n in names)
         count = sum(params[n].numel() for n in names)
         metrics[f"sparsity/weight/{block.name}"] = zeros / count
