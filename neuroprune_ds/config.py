@@ -80,9 +80,11 @@ class NeuroPruneConfig:
     target_ramp_steps: int = 100
     """The controller's target rises from 0 to target_sparsity over this many optimizer steps (cubic)."""
     controller_gain: float = 2.0
-    """Gain of the controller's integral term, which adds to log(lambda scale) and moves by gain * (target
-    now - sparsity predicted 30 steps ahead) per optimizer step, bounded to [-3, 3]; the main term is a
-    quantile of |task gradient| / (lambda * group factor) (docs/algorithm.md section 6)."""
+    """How fast the target-sparsity controller's correction term reacts. The controller sets log(lambda
+    scale) to a feed-forward term, the smoothed quantile of |task gradient| / (lambda * group factor) over
+    sampled penalised weights (with update 'decoupled': of |optimizer step| / (lr * lambda * group factor))
+    at the fraction that must reach zero, plus a bounded integral term that moves by gain * (target now -
+    sparsity predicted 30 steps ahead) per optimizer step, within [-3, 3] (docs/algorithm.md section 6)."""
     target_modules: list[str] | None = None
     """Attention/FFN blocks to include (module paths; an entry matches a path equal to it, ending in
     '.'+entry, or fully matching it as a regular expression). None: every block of the architecture."""
