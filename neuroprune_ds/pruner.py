@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neuroprune_ds.arch import FFNBlock, resolve_architecture
+from neuroprune_ds.arch import resolve_architecture
 from neuroprune_ds.config import NeuroPruneConfig
 from neuroprune_ds.flat_slice import FlatSlice
 from neuroprune_ds.group_sets import GroupSet, Role, build_group_sets, penalised_names
-from neuroprune_ds.penalties import (GroupMember, GroupStats, Penalty, add_penalty_grad_, degree_weights, group_stats,
-                                     soft_threshold_)
+from neuroprune_ds.group_statistics import GroupStatistics, Measurement, Statistics, overall_sparsity
+from neuroprune_ds.penalties import GroupMember, Penalty, add_penalty_grad_, degree_weights, soft_threshold_
 from neuroprune_ds.sparsity_control import (BINS, SAMPLE_STRIDE, SparsityController, add_histogram_,
                                             sampled_ratios)
 from neuroprune_ds.structure import Structure
@@ -43,10 +43,6 @@ from neuroprune_ds.zero_access import ZeroAccess
 
 HISTOGRAM_BATCH = 1 << 22
 """Sampled ratios histogrammed at once: few kernels per step, temporaries bounded to a few 32 MB float64."""
-
-Statistics = dict[str, GroupStats]
-"""Per group set key, its per-group statistics."""
-
 
 class NeuroPruner:
     """NeuroPrune's penalties, masks and head pruning on a DeepSpeed engine.
@@ -72,6 +68,7 @@ class NeuroPruner:
         """Q, K, V and the FFN matrices: what the penalty acts on and the weight sparsity counts."""
         self.penalty = Penalty.of(config)
         self.structure = Structure(self.access, self.params, self.arch, config)
+        self.stats = GroupStatistics(self.access, self.params, self.group_sets, config.epsilon)
         self.optimizer_steps = 0
         self.omega: dict[str, torch.Tensor] = {}
         self.last_penalties = {"mlp": 0.0, "attn": 0.0}
@@ -79,11 +76,9 @@ class NeuroPruner:
         self.measured_sparsity = 0.0
         self.controller = SparsityController(config.controller_gain)
         self._penalty_factors: dict[str, torch.Tensor] = {}  # last step's per-group factor of each penalised set
-        self._numel = {s.key: sum(_numel(self.params[name]) for name in s.names) for s in self.group_sets}
         self._boundary_pending = False
         self._pruned_blocks: list = []  # of this step, read with its host transfer; masked before and after it
         self._signs_before_step: dict[str, torch.Tensor] = {}  # of the master slices the current step updates
-        self._partitioned = any(self.access.is_partitioned(p) for p in self.params.values())
         self.total_steps: int | None = None
         """The run's optimizer steps; ``recover_steps`` needs it (the trainer and the HF callback set it)."""
         self._decoupled_step = _DecoupledStep()
@@ -170,9 +165,9 @@ class NeuroPruner:
         gradient) -> one all-reduce -> degree weights and factors -> one host transfer -> controller ->
         penalty gradients -> masks."""
         controlled = self.config.target_sparsity is not None
-        local = self._local_statistics(self.penalised_sets)
+        local = self.stats.measure(self.penalised_sets)
         hist = self._ratio_histogram(self._sampled_gradient) if controlled and self._penalty_factors else None
-        (stats,), hist = self._all_reduce([local], hist)
+        (stats,), hist = self.stats.all_reduce([local], hist)
         self._refresh_degree_weights(stats)
         factors = self._factors(stats, stats)
         self._settle_on_host(stats, hist, with_masks=True)
@@ -184,7 +179,7 @@ class NeuroPruner:
         it starts from, and (with a target sparsity) the master at the controller's sampled positions."""
         state = self._decoupled_step
         state.lr = self._learning_rate()
-        state.local = self._local_statistics(self.penalised_sets)
+        state.local = self.stats.measure(self.penalised_sets)
         controlled = self.config.target_sparsity is not None
         state.samples = {name: self.access.master(self.params[name])[::SAMPLE_STRIDE].clone()
                          for name in self.penalised_names} if controlled and self._penalty_factors else {}
@@ -199,12 +194,12 @@ class NeuroPruner:
         there), and the controller's histogram of optimizer displacements; one host transfer follows.
         """
         state = self._decoupled_step
-        after = self._local_statistics(tuple(s for s in self.penalised_sets if s.role.attention))
+        after = self.stats.measure(tuple(s for s in self.penalised_sets if s.role.attention))
         hist = None
         if state.samples and state.lr > 0:
             hist = self._ratio_histogram(lambda name: self.access.master(self.params[name])[::SAMPLE_STRIDE]
                                          - state.samples[name], state.lr)
-        (before, after), hist = self._all_reduce([state.local, after], hist)
+        (before, after), hist = self.stats.all_reduce([state.local, after], hist)
         self._refresh_degree_weights(before)
         factors = self._factors(before, after)
         self._settle_on_host(before, hist, with_masks=False)
@@ -235,13 +230,13 @@ class NeuroPruner:
         controlled = self.config.target_sparsity is not None
         nonzero = torch.stack([stats[s.key].nonzero.sum() for s in self.penalised_sets]) if controlled else None
         intact = self.structure.intact() if with_masks else None
-        values, nonzero, hist, intact = _to_host([values, nonzero, hist, intact], self.device)
+        values, nonzero, hist, intact = self.stats.to_host([values, nonzero, hist, intact])
         self.last_penalties = {kind: sum((v for s, v in zip(self.penalised_sets, values)
                                           if s.role.attention == (kind == "attn")), 0.0) for kind in ("mlp", "attn")}
         if with_masks:
             self._pruned_blocks = self.structure.pruned_blocks(intact)
         if controlled:
-            penalised = sum(self._numel[s.key] for s in self.penalised_sets)
+            penalised = sum(self.stats.numel[s.key] for s in self.penalised_sets)
             self.measured_sparsity = (penalised - sum(nonzero)) / max(penalised, 1)
             self.lambda_multiplier = self.controller.update(hist, self.target_now(), self.measured_sparsity)
 
@@ -262,7 +257,10 @@ class NeuroPruner:
             master = self.access.master(param)
 
             def add(grad: torch.Tensor, piece: FlatSlice, master=master, axis=axis) -> None:
-                cast = casts.setdefault((grad.dtype, grad.device), factor.to(device=grad.device, dtype=grad.dtype))
+                key = (grad.dtype, grad.device)
+                if key not in casts:
+                    casts[key] = factor.to(device=grad.device, dtype=grad.dtype)
+                cast = casts[key]
                 add_penalty_grad_(grad, GroupMember(master, piece, axis), cast, lam)
 
             self.access.edit_grad(param, add)
@@ -278,37 +276,7 @@ class NeuroPruner:
     # -- statistics ------------------------------------------------------------------------------------
     def statistics(self) -> Statistics:
         """Per-group statistics of every group set, summed over ranks in one all-reduce (collective)."""
-        return self._all_reduce([self._local_statistics(self.group_sets)])[0][0]
-
-    def _local_statistics(self, group_sets: tuple[GroupSet, ...]) -> tuple[Statistics, torch.Tensor]:
-        """This rank's partial statistics of ``group_sets``, as views of ONE float64 (2, their groups) buffer
-        on the device (row 0: L1 norms, row 1: counts of |w| >= epsilon), and that buffer."""
-        members = {s.key: [GroupMember(self.access.master(self.params[name]),
-                                       self.access.local_slice(self.params[name]), axis) for name, axis in s.members]
-                   for s in group_sets}
-        sizes = {key: m[0].slice.group_size(m[0].axis) for key, m in members.items()}
-        buffer = torch.zeros(2, sum(sizes.values()), dtype=torch.float64, device=self.device)
-        local, start = {}, 0
-        for key, group_members in members.items():
-            local[key] = group_stats(group_members, self.config.epsilon, out=buffer.narrow(1, start, sizes[key]))
-            start += sizes[key]
-        return local, buffer
-
-    def _all_reduce(self, measured: list[tuple[Statistics, torch.Tensor]], extra: torch.Tensor | None = None
-                    ) -> tuple[list[Statistics], torch.Tensor | None]:
-        """Sum local statistics buffers (and an optional extra float64 tensor) over ranks in ONE all-reduce."""
-        if not self._partitioned:
-            return [stats for stats, _ in measured], extra
-        reduced = self.access.all_reduce_sum([buffer for _, buffer in measured] + ([extra] if extra is not None else []))
-        out = []
-        for (stats, _), buffer in zip(measured, reduced):
-            views, start = {}, 0
-            for key, s in stats.items():
-                size = s.l1.numel()
-                views[key] = GroupStats(buffer[0, start:start + size], buffer[1, start:start + size], s.connections)
-                start += size
-            out.append(views)
-        return out, (reduced[-1] if extra is not None else None)
+        return self.stats.everything()
 
     def _sampled_gradient(self, name: str) -> torch.Tensor:
         return self.access.local_grad(self.params[name])[::SAMPLE_STRIDE]
@@ -444,18 +412,8 @@ class NeuroPruner:
         if self.config.prune_ffn_units_below is None:
             return {}
         stats = self.statistics()
-        connectivity = {}
-        for block in self.arch.ffn:
-            (in_present, in_total), (out_present, out_total) = (self._unit_connections(stats, block, role)
-                                                                for role in (Role.FFN_INPUT, Role.FFN_OUTPUT))
-            connectivity[block.name] = torch.minimum(in_present / in_total, out_present / out_total)
-        return self.structure.prune_ffn_units(connectivity)
-
-    def _unit_connections(self, stats: Statistics, block: FFNBlock, role: Role) -> tuple[torch.Tensor, int]:
-        """Per unit of ``block``: its connections with |w| >= epsilon over the sets in ``role`` (FFN_INPUT: its
-        in connections, FFN_OUTPUT: its out connections), and how many connections it has there."""
-        sets = [s for s in self.group_sets if s.block == block.name and s.role is role]
-        return sum(stats[s.key].nonzero for s in sets), sum(stats[s.key].connections for s in sets)
+        return self.structure.prune_ffn_units({block.name: self.stats.ffn_connectivity(stats, block.name)
+                                               for block in self.arch.ffn})
 
     # -- reporting -------------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -468,10 +426,10 @@ class NeuroPruner:
             out["neuroprune/target_sparsity"] = self.target_now()
             out["neuroprune/controller_integral"] = self.controller.integral
             out["neuroprune/pushed_fraction"] = self.controller.pushed_fraction
-        sparsity = self._block_sparsity(stats)
+        sparsity = self.stats.block_sparsity(stats)
         for block, (zeros, weights) in sparsity.items():
             out[f"sparsity/weight/{block}"] = zeros / weights
-        out["sparsity/weight"] = _overall(sparsity)
+        out["sparsity/weight"] = overall_sparsity(sparsity)
         for block in self.arch.attention:
             out[f"heads_kept/{block.name}"] = float(self.alive[block.name].sum()) * block.heads_per_unit
             if block.name in self.closest_pairs:
@@ -481,27 +439,18 @@ class NeuroPruner:
             out[f"ffn_alive/{block}"] = float(alive)
         return out
 
-    def _block_sparsity(self, stats: Statistics) -> dict[str, tuple[float, int]]:
-        """Per block: (weights with |w| < epsilon, all weights) of its penalised matrices (one host transfer)."""
-        nonzero, = _to_host([torch.stack([stats[s.key].nonzero.sum() for s in self.penalised_sets])], self.device)
-        counted = {}
-        for group_set, present in zip(self.penalised_sets, nonzero):
-            zeros, weights = counted.get(group_set.block, (0.0, 0))
-            counted[group_set.block] = (zeros + self._numel[group_set.key] - present,
-                                        weights + self._numel[group_set.key])
-        return counted
-
     def ffn_alive(self, stats: Statistics | None = None) -> dict[str, int]:
         """FFN units with at least one connection >= epsilon both in and out (collective when stats is None)."""
         stats = stats or self.statistics()
-        return {block.name: int(((self._unit_connections(stats, block, Role.FFN_INPUT)[0] > 0)
-                                 & (self._unit_connections(stats, block, Role.FFN_OUTPUT)[0] > 0)).sum())
-                for block in self.arch.ffn}
+        counts, = self.stats.to_host([torch.stack([self.stats.ffn_alive(stats, b.name) for b in self.arch.ffn])]
+                                     if self.arch.ffn else [None])
+        return {block.name: int(count) for block, count in zip(self.arch.ffn, counts or [])}
 
     def ffn_degrees(self) -> dict[str, torch.Tensor]:
         """Per FFN block, each unit's number of input connections with |w| >= epsilon (collective)."""
         stats = self.statistics()
-        return {block.name: self._unit_connections(stats, block, Role.FFN_INPUT)[0] for block in self.arch.ffn}
+        return {block.name: self.stats.unit_connections(stats, block.name, Role.FFN_INPUT)[0]
+                for block in self.arch.ffn}
 
     def summary(self) -> dict:
         """What is pruned, JSON-serialisable (collective)."""
@@ -517,7 +466,7 @@ class NeuroPruner:
             "ffn": [{"name": b.name, "stack": b.stack, "layer": b.layer, "width": b.width,
                      "alive_units": alive[b.name], "pruned_units": int((~self.ffn_kept[b.name]).sum())}
                     for b in self.arch.ffn],
-            "weight_sparsity": _overall(self._block_sparsity(stats)),
+            "weight_sparsity": overall_sparsity(self.stats.block_sparsity(stats)),
         }
 
     # -- state -----------------------------------------------------------------------------------------
@@ -551,35 +500,12 @@ def _on(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {key: value.to(device, copy=True) for key, value in tensors.items()}
 
 
-def _to_host(tensors: list[torch.Tensor | None], device) -> list[list[float] | None]:
-    """The values of several tensors (None: skipped) as host lists, in ONE device-to-host transfer."""
-    present = [t.reshape(-1).to(device, torch.float64) for t in tensors if t is not None]
-    flat = torch.cat(present).tolist() if present else []
-    out, start = [], 0
-    for tensor in tensors:
-        if tensor is None:
-            out.append(None)
-            continue
-        out.append(flat[start:start + tensor.numel()])
-        start += tensor.numel()
-    return out
-
-
-def _overall(sparsity: dict[str, tuple[float, int]]) -> float:
-    """The weight sparsity over all blocks of per-block (zeros, weights)."""
-    return sum(z for z, _ in sparsity.values()) / max(sum(w for _, w in sparsity.values()), 1)
-
-
 @dataclass(slots=True)
 class _DecoupledStep:
     """What the decoupled mode records before an optimizer step for the proximal step after it."""
 
     lr: float = 0.0
-    local: tuple[Statistics, torch.Tensor] | None = None
+    local: Measurement | None = None
     """Local statistics of the weights the step starts from, and their buffer."""
     samples: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per penalised parameter, its local fp32 master at the controller's sampled positions."""
-
-
-def _numel(param: torch.nn.Parameter) -> int:
-    return int(param.ds_numel) if hasattr(param, "ds_id") else param.numel()

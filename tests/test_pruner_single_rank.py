@@ -35,7 +35,7 @@ def test_the_penalised_weights_are_q_k_v_and_the_ffn_matrices(family):
     pruner = NeuroPruner(engine, NeuroPruneConfig())
     assert set(pruner.penalised_names) == expected and len(pruner.penalised_names) == len(expected)
     counted = sum(engine.module.get_parameter(name).numel() for name in expected)
-    assert sum(weights for _, weights in pruner._block_sparsity(pruner.statistics()).values()) == counted
+    assert sum(weights for _, weights in pruner.stats.block_sparsity(pruner.statistics()).values()) == counted
     engine.destroy()
 
 

@@ -162,7 +162,7 @@ def connectivity_spread(model, arch, epsilon: float) -> dict[str, float]:
 def head_report(model, arch, alive: dict | None) -> list[dict]:
     """Per attention block: heads kept and the smallest l_inf distance between two live units."""
     from neuroprune_ds.heads import linf_distances, unit_parameters
-    from neuroprune_ds.pruner import _layout
+    from neuroprune_ds.structure import _layout
 
     params = dict(model.named_parameters())
     rows = []
