@@ -74,6 +74,40 @@ def test_l1_penalty_adds_lambda_times_sign_to_penalised_weights_only(family):
 
 
 @pytest.mark.dist
+def test_output_rows_penalises_every_row_of_every_ffn_matrix_by_its_own_connectivity():
+    """``mlp_groups: output_rows``: row i of gate, up and down is its own group with omega = 1 / max(c_i, c_min)
+    (c_i its share of |w| >= epsilon); down's columns are only counted (FFN units alive), not penalised again."""
+    model = equivalence_model("llama")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        params["model.layers.0.mlp.gate_proj.weight"][0, 8:] = 0  # c = 8/32 -> omega 4
+        params["model.layers.0.mlp.down_proj.weight"][1, 1:] = 0  # c = 1/48 -> omega 1 / c_min = 20
+        params["model.layers.1.mlp.down_proj.weight"][:, 5] = 0  # unit 5 has no out connection
+    reference = copy.deepcopy(model)
+    inputs = batch("llama", 0, 0)
+    reference(**inputs).loss.backward()
+    engine = _one_rank_engine(model)
+    pruner = NeuroPruner(engine, NeuroPruneConfig(mlp_groups="output_rows", mlp_lambda=MLP_LAMBDA, attn_lambda=0.0,
+                                                  prune_heads=False))
+    engine.backward(engine(**inputs).loss)
+    pruner.after_backward()
+    assert set(pruner.penalised_names) == qkv_and_ffn_weights(engine.module)
+    assert len(pruner.penalised_names) == len(set(pruner.penalised_names))  # each matrix in one penalised set
+    checked = 0
+    for name, param in engine.module.named_parameters():
+        expected = dict(reference.named_parameters())[name].grad
+        if FFN_MATRICES.search(name):
+            weight = param.detach()
+            omega = 1.0 / (weight.abs() >= 1e-4).double().mean(dim=1).clamp(min=0.05)
+            expected = expected + MLP_LAMBDA * omega.float().unsqueeze(1) * torch.sign(weight)
+            checked += int(omega.max() == 20) + int(omega.max() == 4)
+        torch.testing.assert_close(param.grad, expected, rtol=0, atol=1e-6, msg=name)
+    assert checked == 2  # the two planted rows were weighted as computed here
+    assert pruner.ffn_alive() == {"model.layers.0.mlp": 48, "model.layers.1.mlp": 47}
+    engine.destroy()
+
+
+@pytest.mark.dist
 @pytest.mark.parametrize("stop_at_zero", [True, False])
 def test_a_step_across_zero_lands_on_exactly_zero_and_the_weight_stays_below_epsilon(stop_at_zero):
     """Two AdamW steps (lr 1e-3, no decay) of a planted weight 1e-5 under an L1 penalty of lambda 1, which
