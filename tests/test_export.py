@@ -9,6 +9,7 @@ Logits must match the masked model's to 1e-4 and parameter counts the hand-compu
 """
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -23,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from export_helpers import AUTO_CLASS, expected_parameters, export_inputs, reload_in_fresh_process
 from neuroprune_ds import cli
-from neuroprune_ds.arch import AttentionBlock, FFNBlock, Linear, resolve_architecture
+from neuroprune_ds.arch import ARCHITECTURES, AttentionBlock, FFNBlock, Linear, resolve_architecture
 from neuroprune_ds.config import NeuroPruneConfig
 from neuroprune_ds.export import convert as convert_module
 from neuroprune_ds.export.checkpoint import release_file_pages
@@ -369,9 +370,8 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_compact_needs_a_family_with_compact_classes(tmp_path, monkeypatch):
-    from neuroprune_ds.export import compact_models
-
-    monkeypatch.delitem(compact_models.COMPACT_FAMILIES, "qwen2")  # as for an architecture a user registers
+    # as for an architecture a user registers without compact classes
+    monkeypatch.setitem(ARCHITECTURES, "qwen2", dataclasses.replace(ARCHITECTURES["qwen2"], compact=None))
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=64))
