@@ -309,8 +309,10 @@ def auto_model_class(task: str, model_type: str) -> type:
 
 
 def penalised_weights(arch: ResolvedArchitecture) -> list[str]:
-    """Names of the matrices NeuroPrune penalises: Q, K, V, O of every attention block, FFN inputs and output."""
-    names = [lin.weight for b in arch.attention for lin in (b.q, b.k, b.v, b.o)]
+    """Names of the matrices NeuroPrune penalises: Q, K and V of every attention block (the attention
+    inputs) and every FFN input and output projection. The attention output projection is not penalised
+    (docs/algorithm.md section 2), so it is neither thresholded at export nor counted in the sparsity."""
+    names = [lin.weight for b in arch.attention for lin in (b.q, b.k, b.v)]
     return names + [lin.weight for b in arch.ffn for lin in (*b.inputs, b.output)]
 
 

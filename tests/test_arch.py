@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from neuroprune_ds.arch import ARCHITECTURES, auto_model_class, ffn_input_weights, resolve_architecture
+from neuroprune_ds.arch import (ARCHITECTURES, auto_model_class, ffn_input_weights, penalised_weights,
+                                resolve_architecture)
 from neuroprune_ds.config import NeuroPruneConfig
 from neuroprune_ds.heads import UnitLayout
 from tiny_models import MODEL_CLASSES, TINY_CONFIGS
@@ -84,6 +85,14 @@ def test_unknown_model_type_lists_supported_and_how_to_add():
         model = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2))
     with pytest.raises(ValueError, match=r"'gpt2' is not supported; supported: bart, bert, .*register_architecture"):
         resolve_architecture(model)
+
+
+def test_penalised_weights_are_q_k_v_and_every_ffn_matrix():
+    """The attention output projection is not penalised (docs/algorithm.md section 2)."""
+    arch = resolve_architecture(meta_model("llama"))
+    attention = [f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj", "k_proj", "v_proj")]
+    ffn = [f"model.layers.{i}.mlp.{p}.weight" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+    assert penalised_weights(arch) == attention + ffn
 
 
 def test_attention_block_layout_splits_gqa_into_kv_groups():
