@@ -21,8 +21,8 @@ from neuroprune_ds.arch import ResolvedArchitecture, resolve_architecture
 from neuroprune_ds import train
 from neuroprune_ds.config import RunConfig
 from neuroprune_ds.data import load_raw_dataset, load_tokenizer, uses_text_to_text
-from neuroprune_ds.config_loader import (ConfigError, check_deepspeed_config, check_paths, load_config,
-                                         load_deepspeed_config)
+from neuroprune_ds.config_loader import ConfigError, check_paths, load_config
+from neuroprune_ds.deepspeed_config import check_deepspeed_config, load_deepspeed_config
 from neuroprune_ds.distributed import EXIT_INVALID
 
 

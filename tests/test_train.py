@@ -13,9 +13,9 @@ import torch
 from neuroprune_ds import config as config_module
 from neuroprune_ds.config import ModelConfig, RunConfig, ScheduleConfig
 from neuroprune_ds.config_loader import ConfigError
+from neuroprune_ds.deepspeed_config import fill_deepspeed_config, model_hidden_size, optimizer_errors
 from neuroprune_ds.logging_utils import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, heads_kept_figure
-from neuroprune_ds.train import (build_optimizer, config_reference, fill_deepspeed_config, model_hidden_size,
-                                 optimizer_errors, parse_args, prepare_deepspeed_config)
+from neuroprune_ds.train import build_optimizer, config_reference, parse_args, prepare_deepspeed_config
 
 
 def _leaf_paths(cls, prefix=""):
@@ -108,7 +108,7 @@ def test_hidden_size_of_configs_with_one_several_or_a_nested_text_config():
 ])
 def test_optimizer_choice_is_checked_against_offload_and_accelerator(optimizer, offload, message):
     zero = {"stage": 3} | ({"offload_optimizer": {"device": offload}} if offload else {})
-    errors = optimizer_errors({"zero_optimization": zero}, _run(optimizer=optimizer))
+    errors = optimizer_errors({"zero_optimization": zero}, _run(optimizer=optimizer), "cpu")
     assert errors == ([] if message is None else [errors[0]]) and "\n" not in "".join(errors)
     if message:
         assert errors[0].startswith(message), errors
