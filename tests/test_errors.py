@@ -45,6 +45,8 @@ CASES = [
      "schedule.warmup_steps: 5 is more than the run's 1 optimizer steps"),
     ("ds_optimizer", "an `optimizer` section in the DeepSpeed JSON", "both", [], "deepspeed.optimizer: remove it"),
     ("ds_scheduler", "a `scheduler` section in the DeepSpeed JSON", "both", [], "deepspeed.scheduler: remove it"),
+    ("cpu_adam_no_offload", "`schedule.optimizer: cpu_adam` without optimizer offload", "both",
+     ["schedule.optimizer=cpu_adam"], "schedule.optimizer: 'cpu_adam' (DeepSpeedCPUAdam) steps optimizer states"),
     ("zero_unknown_key", "a misspelt key inside `zero_optimization`", "both", [],
      "unknown key 'stage3_param_persistance_threshold'"),
     ("output_dir_file", "`output_dir` that is a file", "both", ["output_dir=a_file.txt"], "is a file"),
