@@ -135,7 +135,7 @@ def _worker(out: Path) -> None:
         out.write_text(json.dumps(results, indent=1))
     dist.barrier()
     sys.stdout.flush()
-    os._exit(0)  # skips an occasional abort in DeepSpeed/gloo teardown (see notes/deepspeed-cpu.md)
+    os._exit(0)  # skips an occasional abort in DeepSpeed/gloo teardown (see distributed.barrier_and_exit)
 
 
 def _train(ds, run, config, inputs, world_size) -> dict:
