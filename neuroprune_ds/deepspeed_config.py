@@ -102,7 +102,7 @@ def check_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int |
     Returns:
         One message per problem; empty when consistent.
     """
-    errors = []
+    errors = _object_errors(ds)
     for key in ds:
         if key not in DEEPSPEED_TOP_LEVEL_KEYS:
             guess = _nearest(key, DEEPSPEED_TOP_LEVEL_KEYS)
@@ -119,6 +119,19 @@ def check_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int |
     return errors
 
 
+# Sections the trainer reads, which must be JSON objects, with an example of each for the message.
+_OBJECT_SECTIONS: dict[str, dict[str, Any]] = {
+    ds_constants.FP16: {"enabled": False}, ds_constants.BFLOAT16: {"enabled": False},
+    ds_constants.BFLOAT16_OLD: {"enabled": False}, ZERO_OPTIMIZATION: {"stage": 2},
+    ds_constants.CHECKPOINT: {"load_universal": True},
+}
+
+
+def _object_errors(ds: dict[str, Any]) -> list[str]:
+    return [f"deepspeed.{key}: {ds[key]!r} is not a JSON object like {json.dumps(example)}"
+            for key, example in _OBJECT_SECTIONS.items() if key in ds and not isinstance(ds[key], dict)]
+
+
 def _activation_checkpointing_errors(ds: dict[str, Any]) -> list[str]:
     """DeepSpeed's section configures ``deepspeed.checkpointing.checkpoint``, which HF models never call."""
     if ACT_CHKPT not in ds:
@@ -129,9 +142,7 @@ def _activation_checkpointing_errors(ds: dict[str, Any]) -> list[str]:
 
 def _neuroprune_errors(ds: dict[str, Any], run: RunConfig) -> list[str]:
     """Combinations the pruner cannot serve (see neuroprune_ds.zero_access)."""
-    zero = ds.get(ZERO_OPTIMIZATION)
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
-    if run.neuroprune.enabled and run.model.dtype == "bf16" and stage == 0:
+    if run.neuroprune.enabled and run.model.dtype == "bf16" and zero_stage(ds) == 0:
         return ["deepspeed.zero_optimization.stage: 0 with model.dtype = 'bf16' keeps the fp32 master weights "
                 "inside DeepSpeed's FP16_Optimizer, out of NeuroPrune's reach; use stage 1 (same memory on "
                 "one rank), or fp32, or neuroprune.enabled=false"]
@@ -166,9 +177,6 @@ def _schedule_errors(ds: dict[str, Any], run: RunConfig, world_size: int | None)
 
 def _dtype_errors(ds: dict[str, Any], run: RunConfig) -> list[str]:
     errors = []
-    for key in (ds_constants.FP16, ds_constants.BFLOAT16, ds_constants.BFLOAT16_OLD):
-        if key in ds and not isinstance(ds[key], dict):
-            errors.append(f"deepspeed.{key}: {ds[key]!r} is not a JSON object like {{\"enabled\": false}}")
     if _enabled(ds, ds_constants.FP16) is True:
         errors.append("deepspeed.fp16.enabled: true is not supported (fp16 does not run on CPU DeepSpeed); "
                       "set model.dtype=bf16 and bf16.enabled instead")
@@ -191,12 +199,10 @@ def _enabled(ds: dict[str, Any], section: str) -> Any:
 
 
 def _zero_errors(ds: dict[str, Any]) -> list[str]:
-    if ZERO_OPTIMIZATION not in ds:
+    zero = ds.get(ZERO_OPTIMIZATION)
+    if not isinstance(zero, dict):  # absent, or reported by _object_errors
         return []
-    zero = ds[ZERO_OPTIMIZATION]
-    if not isinstance(zero, dict):
-        return [f"deepspeed.{ZERO_OPTIMIZATION}: {zero!r} is not a JSON object like {{\"stage\": 2}}"]
-    if "stage" in zero and (not _is_int(zero["stage"]) or not 0 <= zero["stage"] <= 3):
+    if zero_stage(ds) is None:
         return [f"deepspeed.{ZERO_OPTIMIZATION}.stage: {zero['stage']!r} is not allowed; "
                 "expected 0, 1, 2 or 3"]
     try:
@@ -221,6 +227,20 @@ def _zero_field_error(problem: dict[str, Any]) -> str:
         return f"deepspeed.{ZERO_OPTIMIZATION}: unknown key {where!r}{hint}"
     return (f"deepspeed.{ZERO_OPTIMIZATION}.{where}: {problem.get('input')!r} is not allowed "
             f"({problem['msg']})")
+
+
+def zero_stage(ds: dict[str, Any]) -> int | None:
+    """The ZeRO stage ``ds`` asks for (0 when it names none); None when its section or stage is malformed
+    (which :func:`check_deepspeed_config` reports)."""
+    zero = ds.get(ZERO_OPTIMIZATION, {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    return stage if _is_int(stage) and 0 <= stage <= 3 else None
+
+
+def loads_universal(ds: dict[str, Any]) -> bool:
+    """Whether ``ds`` resumes from a universal checkpoint (``checkpoint.load_universal``)."""
+    section = ds.get(ds_constants.CHECKPOINT)
+    return isinstance(section, dict) and bool(section.get("load_universal", False))
 
 
 def _is_int(value: Any) -> bool:
@@ -272,11 +292,11 @@ def fill_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int, *
     Raises:
         ConfigError: it has model-sized "auto" keys and no ``hidden_size`` is given.
     """
+    errors = model_sized_errors(ds, hidden_size)
+    if errors:
+        raise ConfigError(errors)
     ds = copy.deepcopy(ds)
     sized = model_sized_keys(ds)
-    if sized and hidden_size is None:
-        raise ConfigError([f"deepspeed.zero_optimization.{key}: \"auto\" needs the model's hidden_size, which "
-                           "its config does not give; set a number" for key in sized])
     schedule = run.schedule
     ds["train_micro_batch_size_per_gpu"] = schedule.micro_batch_size
     ds["gradient_accumulation_steps"] = schedule.gradient_accumulation_steps
@@ -315,6 +335,15 @@ def model_sized_keys(ds: dict[str, Any]) -> list[str]:
     """The ``zero_optimization`` keys of ``ds`` that are "auto" and sized from the model."""
     zero = ds.get("zero_optimization", {})
     return [key for key in MODEL_SIZED_KEYS if isinstance(zero, dict) and zero.get(key) == "auto"]
+
+
+def model_sized_errors(ds: dict[str, Any], hidden_size: int | None) -> list[str]:
+    """The model-sized "auto" keys of ``ds`` that cannot be sized, the model's config giving no hidden size
+    (checked by ``train``'s set-up through :func:`fill_deepspeed_config`, by ``validate`` with the model)."""
+    if hidden_size is not None:
+        return []
+    return [f"deepspeed.zero_optimization.{key}: \"auto\" needs the model's hidden_size, which its config does "
+            "not give; set a number" for key in model_sized_keys(ds)]
 
 
 def model_hidden_size(model_config) -> int | None:

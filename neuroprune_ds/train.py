@@ -56,7 +56,8 @@ from neuroprune_ds.config_loader import (
 )
 from neuroprune_ds.data import ShardedBatchLoader, TaskData, build_task_data, load_tokenizer, uses_text_to_text
 from neuroprune_ds.deepspeed_config import (check_deepspeed_config, fill_deepspeed_config, load_deepspeed_config,
-                                            model_hidden_size, model_sized_keys)
+                                            loads_universal, model_hidden_size, model_sized_errors,
+                                            model_sized_keys, zero_stage)
 from neuroprune_ds.distributed import EXIT_INVALID, EXIT_REQUEUE, barrier_and_exit, setup_distributed_env
 from neuroprune_ds.evaluation import evaluate
 from neuroprune_ds.logging_utils import MetricsLogger
@@ -210,7 +211,7 @@ def run_errors(run: RunConfig, ds_config: dict[str, Any] | None, model_config: C
     Args:
         run: the validated run configuration.
         ds_config: its DeepSpeed config; None when it could not be read (checkpoints are then not checked
-            against its ZeRO stage).
+            against its ZeRO stage, nor when its stage is malformed).
         model_config: returns the model's HF config; called only by checks that need it.
         world_size: the number of ranks, when known (a checkpoint of another world size is refused).
     """
@@ -218,8 +219,10 @@ def run_errors(run: RunConfig, ds_config: dict[str, Any] | None, model_config: C
     if run.task == "seq2seq" and not model_config().is_encoder_decoder:
         errors.append(f"task: 'seq2seq' needs an encoder-decoder model (T5, BART); {run.model.name_or_path!r} is "
                       f"a decoder-only {model_config().model_type!r}: use task: causal_lm for it")
-    stage = None if ds_config is None else ds_config.get("zero_optimization", {}).get("stage", 0)
-    load_universal = bool((ds_config or {}).get("checkpoint", {}).get("load_universal", False))
+    if ds_config is not None and model_sized_keys(ds_config):
+        errors += model_sized_errors(ds_config, model_hidden_size(model_config()))
+    stage = None if ds_config is None else zero_stage(ds_config)
+    load_universal = ds_config is not None and loads_universal(ds_config)
     return errors + output_dir_errors(run, zero_stage=stage, load_universal=load_universal,
                                       read_model_config=model_config, world_size=world_size)
 

@@ -347,6 +347,7 @@ def test_deepspeed_keys_come_from_deepspeed():
     ({"zero_optimization": {"stage": "3"}}, "zero_optimization.stage: '3' is not allowed"),
     ({"zero_optimization": {"stage": True}}, "zero_optimization.stage: True is not allowed"),
     ({"zero_optimization": True}, "zero_optimization: True is not a JSON object"),
+    ({"checkpoint": True}, 'deepspeed.checkpoint: True is not a JSON object like {"load_universal": true}'),
     ({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_sise": 1}},
      "zero_optimization: unknown key 'stage3_prefetch_bucket_sise' — did you mean 'stage3_prefetch_bucket_size'?"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memroy": True}}},
