@@ -211,7 +211,7 @@ def run_errors(run: RunConfig, ds_config: dict[str, Any] | None, model_config: C
     Args:
         run: the validated run configuration.
         ds_config: its DeepSpeed config; None when it could not be read (checkpoints are then not checked
-            against its ZeRO stage, nor when its stage is malformed).
+            against its ZeRO stage; neither are they when that stage is malformed).
         model_config: returns the model's HF config; called only by checks that need it.
         world_size: the number of ranks, when known (a checkpoint of another world size is refused).
     """
