@@ -36,14 +36,12 @@ from deepspeed.accelerator import get_accelerator
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
     get_scheduler,
 )
 from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from neuroprune_ds import config as config_module
+from neuroprune_ds.arch import auto_model_class, model_task
 from neuroprune_ds.checkpoint import (CheckpointError, CheckpointManager, Interrupted, NonFiniteError,
                                      output_dir_errors, restore_window)
 from neuroprune_ds.config import RunConfig
@@ -181,7 +179,7 @@ def setup(args: argparse.Namespace) -> Session:
     timings["setup/data_s"] = time.perf_counter() - started - sum(timings.values())
 
     partitioned = partitioned_loading(ds_config)
-    engine = build_engine(run, tokenizer, ds_config, total_steps=total_steps, text_to_text=text_to_text)
+    engine = build_engine(run, tokenizer, ds_config, total_steps=total_steps)
     timings["setup/engine_s"] = time.perf_counter() - started - sum(timings.values())
     pruner = None
     if run.neuroprune.enabled:
@@ -274,9 +272,9 @@ def partitioned_loading(ds_config: dict[str, Any]) -> HfDeepSpeedConfig | None:
     return None
 
 
-def build_engine(run: RunConfig, tokenizer, ds_config: dict[str, Any], *, total_steps: int, text_to_text: bool):
+def build_engine(run: RunConfig, tokenizer, ds_config: dict[str, Any], *, total_steps: int):
     """Model, AdamW and LR schedule wrapped by ``deepspeed.initialize``; returns the engine."""
-    model = load_model(run, tokenizer, text_to_text=text_to_text)
+    model = load_model(run, tokenizer)
     if run.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
     optimizer = build_optimizer(model, run)
@@ -375,7 +373,7 @@ def _cannot_load_model(run: RunConfig, err: OSError) -> OSError:
                    f"with the hub reachable): {err}")
 
 
-def load_model(run: RunConfig, tokenizer, *, text_to_text: bool) -> torch.nn.Module:
+def load_model(run: RunConfig, tokenizer) -> torch.nn.Module:
     """The pretrained model with the task's head, in the training dtype.
 
     Under ZeRO-3 (see :func:`partitioned_loading`) it comes back partitioned: each rank holds its share of
@@ -384,15 +382,11 @@ def load_model(run: RunConfig, tokenizer, *, text_to_text: bool) -> torch.nn.Mod
     dtype = torch.bfloat16 if run.model.dtype == "bf16" else torch.float32
     kwargs: dict[str, Any] = {"gguf_file": run.model.gguf_file, "trust_remote_code": run.model.trust_remote_code,
                               "dtype": dtype}
-    if run.task == "causal_lm":
-        auto_class = AutoModelForCausalLM
-    elif run.task == "seq2seq" or text_to_text:
-        auto_class = AutoModelForSeq2SeqLM
-    else:
-        auto_class = AutoModelForSequenceClassification
+    model_type = load_model_config(run).model_type
+    if model_task(run.task, model_type) == "classification":
         kwargs["num_labels"] = run.num_labels
     try:
-        model = auto_class.from_pretrained(run.model.name_or_path, **kwargs)
+        model = auto_model_class(run.task, model_type).from_pretrained(run.model.name_or_path, **kwargs)
     except OSError as err:
         raise _cannot_load_model(run, err) from err
     if model.config.pad_token_id is None:

@@ -28,6 +28,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import socket
 import sys
@@ -122,7 +123,7 @@ def zeroed(model, names: list[str], threshold: float | None = None, fraction: fl
     params = dict(model.named_parameters())
     if fraction is not None:
         magnitudes = torch.cat([params[n].detach().abs().flatten() for n in names])
-        threshold = float(torch.kthvalue(magnitudes, max(1, int(fraction * magnitudes.numel()))).values)
+        threshold = float(torch.kthvalue(magnitudes, max(1, math.ceil(fraction * magnitudes.numel()))).values)
         del magnitudes
         below = lambda w: w.abs() <= threshold  # noqa: E731
     else:
