@@ -19,8 +19,8 @@ from neuroprune_ds.arch import ResolvedArchitecture, auto_model_class, model_tas
 from neuroprune_ds import train
 from neuroprune_ds.config import RunConfig
 from neuroprune_ds.data import load_raw_dataset, load_tokenizer
-from neuroprune_ds.config_loader import (ConfigError, check_deepspeed_config, check_paths, load_config,
-                                         load_deepspeed_config)
+from neuroprune_ds.config_loader import ConfigError, check_paths, load_config
+from neuroprune_ds.deepspeed_config import check_deepspeed_config, load_deepspeed_config
 from neuroprune_ds.distributed import EXIT_INVALID
 
 
