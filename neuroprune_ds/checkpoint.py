@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from neuroprune_ds.collectives import all_gather_object, any_rank, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +64,6 @@ class NonFiniteError(RuntimeError):
 
 class Interrupted(Exception):
     """Raised inside evaluation or head pruning when every rank agreed to stop for a preemption signal."""
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _any_rank(flag: bool, device) -> bool:
-    """True on every rank if ``flag`` is true on any rank (collective)."""
-    if not _distributed():
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------ preemption
@@ -117,7 +100,7 @@ class Preemption:
     def agreed(self) -> bool:
         """Whether any rank got a signal (collective: every rank must call it at the same point)."""
         if not self.stop:
-            self.stop = _any_rank(self.received is not None, self.device)
+            self.stop = any_rank(self.received is not None, self.device)
         return self.stop
 
     def check(self) -> None:
@@ -159,7 +142,7 @@ class FiniteGuard:
         bad_grad = not self.bad_loss and not self._grads_finite()
         mine = "loss" if self.bad_loss else "gradients" if bad_grad else None
         self.bad_loss = False
-        if not _any_rank(mine is not None, self.engine.device):
+        if not any_rank(mine is not None, self.engine.device):
             return
         step = self.engine.global_steps + 1
         where = f"rank {self.rank}: non-finite {mine}" if mine else f"rank {self.rank}: finite"
@@ -229,22 +212,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _all_gather_object(obj) -> list:
-    if not _distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast_object(obj):
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ------------------------------------------------------------------------------------------ on disk
@@ -463,18 +430,18 @@ class CheckpointManager:
             if tag_dir.exists():  # an interrupted save of this step, or a run restarted with resume=never
                 shutil.rmtree(tag_dir)
             self._write_model_files()
-        _barrier()
-        rank_states = _all_gather_object({"rng": rng_state(), "window": _window_state(window)})
+        barrier()
+        rank_states = all_gather_object({"rng": rng_state(), "window": _window_state(window)})
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=self._client_state(
             step, rank_states, pending_eval), save_latest=False)
-        _barrier()  # every rank's shards are written
+        barrier()  # every rank's shards are written
         if self.rank == 0:
             marker = {"step": step, "world_size": self.world_size, "zero_stage": self.session.zero_stage,
                       "time": time.time()}
             _write_atomic(tag_dir / COMPLETE, json.dumps(marker) + "\n")
             _write_atomic(self.ckpt_dir / LATEST, tag + "\n")
             self._remove_old(keep=tag)
-        _barrier()
+        barrier()
         self.last_saved_step = step
         self.session.logger.log(step, {"checkpoint/save_s": time.perf_counter() - started}, kind="checkpoint")
         return tag_dir
@@ -547,7 +514,7 @@ class CheckpointManager:
             CheckpointError: the path is not a complete checkpoint. (Another model, ZeRO stage or world size
                 is refused before, by :func:`output_dir_errors`.)
         """
-        tag_dir = _broadcast_object(self._choose() if self.rank == 0 else None)
+        tag_dir = broadcast_object(self._choose() if self.rank == 0 else None)
         if isinstance(tag_dir, CheckpointError):
             raise tag_dir
         if tag_dir is None:

@@ -47,6 +47,7 @@ from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_conf
 from neuroprune_ds import config as config_module
 from neuroprune_ds.checkpoint import (CheckpointError, CheckpointManager, Interrupted, NonFiniteError,
                                      output_dir_errors, restore_window)
+from neuroprune_ds.collectives import all_reduce_sum
 from neuroprune_ds.config import RunConfig
 from neuroprune_ds.config_loader import (
     ConfigError,
@@ -620,10 +621,9 @@ def log_train_step(session: Session, window: _Window, step: int) -> dict[str, fl
 
     tokens/s counts non-padding input tokens of all ranks (encoder inputs for seq2seq) over wall time.
     """
-    totals = torch.tensor([window.loss_sum, window.micro_batches, window.tokens], dtype=torch.float64,
-                          device=session.engine.device)
-    if session.world_size > 1:
-        dist.all_reduce(totals)
+    device = session.engine.device
+    (totals,) = all_reduce_sum([torch.tensor([window.loss_sum, window.micro_batches, window.tokens],
+                                             dtype=torch.float64, device=device)], device)
     elapsed = time.perf_counter() - window.start
     metrics = {
         "train/loss": float(totals[0] / totals[1]),
