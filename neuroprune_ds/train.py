@@ -45,8 +45,7 @@ from transformers import (
 from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from neuroprune_ds import config as config_module
-from neuroprune_ds.checkpoint import (CheckpointError, CheckpointManager, Interrupted, NonFiniteError,
-                                     output_dir_errors, restore_window)
+from neuroprune_ds.checkpoint import CheckpointError, CheckpointManager, output_dir_errors, restore_window
 from neuroprune_ds.collectives import all_reduce_sum
 from neuroprune_ds.config import RunConfig
 from neuroprune_ds.config_loader import (
@@ -61,7 +60,9 @@ from neuroprune_ds.config_loader import (
 from neuroprune_ds.data import ShardedBatchLoader, TaskData, build_task_data, load_tokenizer, uses_text_to_text
 from neuroprune_ds.distributed import EXIT_INVALID, EXIT_REQUEUE, barrier_and_exit, setup_distributed_env
 from neuroprune_ds.evaluation import evaluate
+from neuroprune_ds.finite_guard import NonFiniteError
 from neuroprune_ds.logging_utils import MetricsLogger
+from neuroprune_ds.preemption import Interrupted
 
 _SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 

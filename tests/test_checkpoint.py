@@ -391,7 +391,7 @@ def test_skipped_step_at_zero0_leaves_weights_moments_and_lr_schedule_where_they
     import deepspeed
     import torch
 
-    from neuroprune_ds.checkpoint import FiniteGuard
+    from neuroprune_ds.finite_guard import FiniteGuard
     from tiny_models import batch, equivalence_model, init_single_rank
 
     init_single_rank()
