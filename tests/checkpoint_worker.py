@@ -22,18 +22,17 @@ import signal
 import sys
 from pathlib import Path
 
-from neuroprune_ds.distributed import barrier_and_exit, setup_distributed_env
+from worker_harness import start_plan_worker
+
+from neuroprune_ds.distributed import barrier_and_exit
 
 
 def main(plan_path: str) -> None:
-    setup_distributed_env()
+    plan = start_plan_worker(plan_path)
     import datasets
-    import torch
 
     from neuroprune_ds import checkpoint, finite_guard, preemption, pruner, train
 
-    torch.set_num_threads(1)
-    plan = json.loads(Path(plan_path).read_text())
     original = {name: getattr(checkpoint.CheckpointManager, name) for name in ("after_step", "save", "resume")}
     original_check = preemption.Preemption.check
     original_observe = finite_guard.FiniteGuard.observe
