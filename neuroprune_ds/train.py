@@ -42,8 +42,8 @@ from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_conf
 
 from neuroprune_ds import config as config_module
 from neuroprune_ds.arch import auto_model_class, model_task
-from neuroprune_ds.checkpoint import (CheckpointError, CheckpointManager, Interrupted, NonFiniteError,
-                                     output_dir_errors, restore_window)
+from neuroprune_ds.checkpoint import CheckpointError, CheckpointManager, output_dir_errors, restore_window
+from neuroprune_ds.collectives import all_reduce_sum
 from neuroprune_ds.config import RunConfig
 from neuroprune_ds.config_loader import (
     ConfigError,
@@ -58,7 +58,9 @@ from neuroprune_ds.deepspeed_config import (check_deepspeed_config, fill_deepspe
                                             model_sized_keys, zero_stage)
 from neuroprune_ds.distributed import EXIT_INVALID, EXIT_REQUEUE, barrier_and_exit, setup_distributed_env
 from neuroprune_ds.evaluation import evaluate
+from neuroprune_ds.finite_guard import NonFiniteError
 from neuroprune_ds.logging_utils import MetricsLogger
+from neuroprune_ds.preemption import Interrupted
 
 _SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
@@ -524,10 +526,9 @@ def log_train_step(session: Session, window: _Window, step: int) -> dict[str, fl
 
     tokens/s counts non-padding input tokens of all ranks (encoder inputs for seq2seq) over wall time.
     """
-    totals = torch.tensor([window.loss_sum, window.micro_batches, window.tokens], dtype=torch.float64,
-                          device=session.engine.device)
-    if session.world_size > 1:
-        dist.all_reduce(totals)
+    device = session.engine.device
+    (totals,) = all_reduce_sum([torch.tensor([window.loss_sum, window.micro_batches, window.tokens],
+                                             dtype=torch.float64, device=device)], device)
     elapsed = time.perf_counter() - window.start
     metrics = {
         "train/loss": float(totals[0] / totals[1]),
