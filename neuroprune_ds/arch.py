@@ -1,19 +1,26 @@
-"""Architecture registry: where the attention blocks and FFNs of each Hugging Face model family live.
+"""Architecture registry: what neuroprune_ds knows about each Hugging Face model family, in one place.
 
-Everything architecture-specific is in ``ARCHITECTURES``; the rest of neuroprune_ds only sees the resolved
-``AttentionBlock`` / ``FFNBlock`` records, which name parameters by their ``named_parameters()`` path.
-To support a new family, add an ``ArchSpec`` under its ``config.model_type`` (or call
-``register_architecture``) -- see the README section "Adding an architecture".
+Everything family-specific is in ``ARCHITECTURES``: per ``config.model_type`` an ``ArchSpec`` with where
+the attention blocks and FFNs live (training, export, report) and the compact model classes of its export
+(``CompactFamily``). The rest of neuroprune_ds only sees the resolved ``AttentionBlock`` / ``FFNBlock``
+records, which name parameters by their ``named_parameters()`` path, and the definitions made on them here:
+which matrices NeuroPrune penalises (:func:`penalised_weights`) and which Auto factory builds a task's model
+(:func:`auto_model_class`). To support a new family, add an ``ArchSpec`` under its ``config.model_type`` (or
+call ``register_architecture``) -- see the README section "Adding an architecture".
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
 from neuroprune_ds.config import NeuroPruneConfig
+from neuroprune_ds.data import uses_text_to_text
+from neuroprune_ds.heads import UnitLayout
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +55,58 @@ class FFNPattern:
     activation: str
     stack: str = "decoder"
 
+    def input_set(self, exists: Callable[[str], bool]) -> tuple[str, ...] | None:
+        """The first set of ``inputs`` whose every module ``exists`` (given its name relative to the block)."""
+        return next((names for names in self.inputs if all(exists(name) for name in names)), None)
+
+
+@dataclass(frozen=True, slots=True)
+class CompactFamily:
+    """How one family's kept sizes map onto its compact config (and, when uniform, its stock config).
+
+    Keys are ``(stack, kind)`` of attention blocks and ``stack`` of FFN blocks, as the resolved blocks name
+    them. The model classes are in ``neuroprune_ds/export/compact_models/<module>.py``.
+    """
+
+    module: str
+    """File in ``neuroprune_ds.export.compact_models`` with the config and model classes."""
+    config_class: str
+    model_classes: dict[str, str]
+    """model task ('causal_lm', 'seq2seq', 'classification'; see :func:`model_task`) -> model class name."""
+    heads: dict[tuple[str, str], str]
+    """per-layer field of kept query heads."""
+    ffn: dict[str, str]
+    """per-layer field of kept FFN units."""
+    kv_heads: dict[tuple[str, str], str] = field(default_factory=dict)
+    """per-layer field of kept KV heads (grouped-query attention)."""
+    relative_bias: dict[str, str] = field(default_factory=dict)
+    """per-layer field of each layer's relative-bias table columns."""
+    stock_heads: dict[tuple[str, str], str] | None = None
+    """uniform stock attribute of each head field; None: the stock config derives the head size from the
+    head count, so only unpruned attention fits it."""
+    stock_kv_heads: dict[tuple[str, str], str] = field(default_factory=dict)
+    stock_ffn: dict[str, str] = field(default_factory=dict)
+    name: str | None = None
+    """the compact model_type's suffix where one module serves several families (default: ``module``)."""
+
+    @property
+    def model_type(self) -> str:
+        return f"neuroprune_{self.name or self.module}"
+
+    @property
+    def file_name(self) -> str:
+        """The modeling file's name inside an export directory."""
+        return f"modeling_{self.model_type}.py"
+
 
 @dataclass(frozen=True, slots=True)
 class ArchSpec:
+    """Everything neuroprune_ds knows about one family: its blocks and, when it has them, its compact model
+    classes (None: ``--format compact`` refuses it)."""
+
     attention: tuple[AttentionPattern, ...]
     ffn: tuple[FFNPattern, ...]
+    compact: CompactFamily | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +145,11 @@ class AttentionBlock:
     def heads_per_unit(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def layout(self) -> UnitLayout:
+        """How this block's weights split into prunable units."""
+        return UnitLayout(self.num_units, self.heads_per_unit, self.head_dim)
+
 
 @dataclass(frozen=True, slots=True)
 class FFNBlock:
@@ -115,26 +174,46 @@ class ResolvedArchitecture:
     ffn: tuple[FFNBlock, ...]
 
 
-_LLAMA_LIKE = ArchSpec(
-    attention=(
-        AttentionPattern(r"(.*\.)?layers\.(?P<layer>\d+)\.self_attn", "self", "q_proj", "k_proj", "v_proj",
-                         "o_proj", num_heads="num_attention_heads", num_kv_heads="num_key_value_heads"),
-    ),
-    ffn=(FFNPattern(r"(.*\.)?layers\.(?P<layer>\d+)\.mlp", (("gate_proj", "up_proj"),), "down_proj",
-                    activation="hidden_act"),),
-)
+def _llama_like(prefix: str) -> ArchSpec:
+    """LLaMA, Mistral and Qwen2: the same modules, and one compact module (``llama.py``) with a class each."""
+    return ArchSpec(
+        attention=(
+            AttentionPattern(r"(.*\.)?layers\.(?P<layer>\d+)\.self_attn", "self", "q_proj", "k_proj", "v_proj",
+                             "o_proj", num_heads="num_attention_heads", num_kv_heads="num_key_value_heads"),
+        ),
+        ffn=(FFNPattern(r"(.*\.)?layers\.(?P<layer>\d+)\.mlp", (("gate_proj", "up_proj"),), "down_proj",
+                        activation="hidden_act"),),
+        compact=CompactFamily(
+            "llama", f"NeuroPrune{prefix}Config",
+            {"causal_lm": f"NeuroPrune{prefix}ForCausalLM",
+             "classification": f"NeuroPrune{prefix}ForSequenceClassification"},
+            heads={("decoder", "self"): "num_attention_heads_per_layer"},
+            kv_heads={("decoder", "self"): "num_key_value_heads_per_layer"},
+            ffn={"decoder": "intermediate_size_per_layer"},
+            stock_heads={("decoder", "self"): "num_attention_heads"},
+            stock_kv_heads={("decoder", "self"): "num_key_value_heads"},
+            stock_ffn={"decoder": "intermediate_size"},
+            name=prefix.lower()),
+    )
+
 
 _BART_ATTENTION = dict(q="q_proj", k="k_proj", v="v_proj", o="out_proj", num_heads="{stack}_attention_heads")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
+    "llama": _llama_like("Llama"),
+    "mistral": _llama_like("Mistral"),
+    "qwen2": _llama_like("Qwen2"),
     "opt": ArchSpec(
         attention=(AttentionPattern(r"(.*\.)?decoder\.layers\.(?P<layer>\d+)\.self_attn", "self", "q_proj",
                                     "k_proj", "v_proj", "out_proj", num_heads="num_attention_heads"),),
         ffn=(FFNPattern(r"(.*\.)?decoder\.layers\.(?P<layer>\d+)", (("fc1",),), "fc2",
                         activation="activation_function"),),
+        compact=CompactFamily(
+            "opt", "NeuroPruneOPTConfig",
+            {"causal_lm": "NeuroPruneOPTForCausalLM", "classification": "NeuroPruneOPTForSequenceClassification"},
+            heads={("decoder", "self"): "num_attention_heads_per_layer"},
+            ffn={"decoder": "ffn_dim_per_layer"},
+            stock_ffn={"decoder": "ffn_dim"}),
     ),
     "bart": ArchSpec(
         attention=(
@@ -145,6 +224,15 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ),
         ffn=(FFNPattern(r"(.*\.)?(?P<stack>encoder|decoder)\.layers\.(?P<layer>\d+)", (("fc1",),), "fc2",
                         activation="activation_function"),),
+        compact=CompactFamily(
+            "bart", "NeuroPruneBartConfig",
+            {"seq2seq": "NeuroPruneBartForConditionalGeneration",
+             "classification": "NeuroPruneBartForSequenceClassification"},
+            heads={("encoder", "self"): "encoder_attention_heads_per_layer",
+                   ("decoder", "self"): "decoder_attention_heads_per_layer",
+                   ("decoder", "cross"): "decoder_cross_attention_heads_per_layer"},
+            ffn={"encoder": "encoder_ffn_dim_per_layer", "decoder": "decoder_ffn_dim_per_layer"},
+            stock_ffn={"encoder": "encoder_ffn_dim", "decoder": "decoder_ffn_dim"}),
     ),
     "t5": ArchSpec(
         attention=(
@@ -156,6 +244,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ),
         ffn=(FFNPattern(r"(.*\.)?(?P<stack>encoder|decoder)\.block\.(?P<layer>\d+)\.layer\.\d+\.DenseReluDense",
                         (("wi_0", "wi_1"), ("wi",)), "wo", activation="dense_act_fn"),),
+        compact=CompactFamily(
+            "t5", "NeuroPruneT5Config",
+            {"seq2seq": "NeuroPruneT5ForConditionalGeneration"},
+            heads={("encoder", "self"): "num_heads_per_layer", ("decoder", "self"): "decoder_num_heads_per_layer",
+                   ("decoder", "cross"): "decoder_cross_num_heads_per_layer"},
+            ffn={"encoder": "d_ff_per_layer", "decoder": "decoder_d_ff_per_layer"},
+            relative_bias={"encoder": "relative_bias_heads_per_layer",
+                           "decoder": "decoder_relative_bias_heads_per_layer"},
+            stock_heads={("encoder", "self"): "num_heads", ("decoder", "self"): "num_heads",
+                         ("decoder", "cross"): "num_heads"},
+            stock_ffn={"encoder": "d_ff", "decoder": "d_ff"}),
     ),
     "bert": ArchSpec(
         attention=(AttentionPattern(r"(.*\.)?encoder\.layer\.(?P<layer>\d+)\.attention", "self", "self.query",
@@ -163,14 +262,73 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                                     stack="encoder"),),
         ffn=(FFNPattern(r"(.*\.)?encoder\.layer\.(?P<layer>\d+)", (("intermediate.dense",),), "output.dense",
                         activation="hidden_act", stack="encoder"),),
+        compact=CompactFamily(
+            "bert", "NeuroPruneBertConfig",
+            {"classification": "NeuroPruneBertForSequenceClassification"},
+            heads={("encoder", "self"): "num_attention_heads_per_layer"},
+            ffn={"encoder": "intermediate_size_per_layer"},
+            stock_ffn={"encoder": "intermediate_size"}),
     ),
 }
-ARCHITECTURES["mt5"] = ARCHITECTURES["t5"]
+# mT5 has T5's modules; its compact export is not supported (no compact class has been checked against it).
+ARCHITECTURES["mt5"] = replace(ARCHITECTURES["t5"], compact=None)
+
+AUTO_MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM,
+                      "classification": AutoModelForSequenceClassification}
+"""model task -> the transformers Auto factory that builds its model."""
 
 
 def register_architecture(model_type: str, spec: ArchSpec) -> None:
     """Add (or replace) the mapping for an HF ``config.model_type``."""
     ARCHITECTURES[model_type] = spec
+
+
+def architecture_spec(model_type: str) -> ArchSpec:
+    """The registered spec of ``model_type``.
+
+    Raises:
+        ValueError: ``model_type`` is not registered (the message lists those that are).
+    """
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}. "
+            "To add it, map its attention and FFN modules with neuroprune_ds.arch.register_architecture("
+            f"{model_type!r}, ArchSpec(...)) -- see the README section 'Adding an architecture'.")
+    return ARCHITECTURES[model_type]
+
+
+def model_task(task: str, model_type: str) -> str:
+    """The task of the model a run of ``task`` trains and exports: a text-to-text family (T5) classifies
+    with its seq2seq model, generating the label names."""
+    return "seq2seq" if uses_text_to_text(task, model_type) else task
+
+
+def auto_model_class(task: str, model_type: str) -> type:
+    """The transformers Auto factory (``AutoModelFor...``) of a run of ``task`` on ``model_type``."""
+    return AUTO_MODEL_CLASSES[model_task(task, model_type)]
+
+
+def penalised_weights(arch: ResolvedArchitecture) -> list[str]:
+    """Names of the matrices NeuroPrune penalises: Q, K and V of every attention block (the attention
+    inputs) and every FFN input and output projection. The attention output projection is not penalised
+    (docs/algorithm.md section 2), so it is neither thresholded at export nor counted in the sparsity."""
+    names = [lin.weight for b in arch.attention for lin in (b.q, b.k, b.v)]
+    return names + [lin.weight for b in arch.ffn for lin in (*b.inputs, b.output)]
+
+
+def ffn_input_weights(model_type: str, block: str, available: Collection[str]) -> list[str]:
+    """Parameter names of the input projections of FFN ``block`` of a ``model_type`` model, from the weight
+    names ``available`` (e.g. a safetensors file's) alone: the first complete set, as for a model.
+
+    Raises:
+        ValueError: unknown ``model_type``, or no complete set of input weights of ``block`` is available.
+    """
+    for pattern in architecture_spec(model_type).ffn:
+        if re.fullmatch(pattern.path, block):
+            names = pattern.input_set(lambda name: f"{block}.{name}.weight" in available)
+            if names is not None:
+                return [f"{block}.{name}.weight" for name in names]
+    raise ValueError(f"FFN block {block!r}: its input projections are not among the weights")
 
 
 def resolve_architecture(model: torch.nn.Module, config: NeuroPruneConfig | None = None) -> ResolvedArchitecture:
@@ -192,12 +350,7 @@ def resolve_architecture(model: torch.nn.Module, config: NeuroPruneConfig | None
     """
     config = config or NeuroPruneConfig()
     model_type = model.config.model_type
-    if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}. "
-            "To add it, map its attention and FFN modules with neuroprune_ds.arch.register_architecture("
-            f"{model_type!r}, ArchSpec(...)) -- see the README section 'Adding an architecture'.")
-    spec = ARCHITECTURES[model_type]
+    spec = architecture_spec(model_type)
     modules = dict(model.named_modules())
     attention, ffn = [], []
     for path in modules:
@@ -295,12 +448,10 @@ def _attention_block(model_config, modules, path, match, pattern) -> AttentionBl
 
 
 def _ffn_block(model_config, modules, path, match, pattern) -> FFNBlock:
-    for names in pattern.inputs:
-        if _has_all(modules, path, names):
-            inputs = tuple(_linear(modules, f"{path}.{n}") for n in names)
-            break
-    else:
+    names = pattern.input_set(lambda name: f"{path}.{name}" in modules)
+    if names is None:
         raise ValueError(f"FFN block {path}: none of the input projections {pattern.inputs} exist")
+    inputs = tuple(_linear(modules, f"{path}.{n}") for n in names)
     output = _linear(modules, f"{path}.{pattern.output}")
     if any(i.out_features != output.in_features for i in inputs):
         raise ValueError(f"FFN block {path}: input projections {[i.out_features for i in inputs]} do not "

@@ -16,19 +16,13 @@ The client state holds, besides DeepSpeed's own module/optimizer/LR-scheduler st
 ``resume``: the data position, every rank's RNG states (torch, python, numpy) and unlogged loss window, the
 world size, the metrics logged so far and whether an evaluation was interrupted.
 
-Preemption: SIGTERM and SIGUSR1 only raise a flag. The training loop (every optimizer step), the evaluation
-loop (every batch) and head pruning (every block) ask :meth:`Preemption.agreed`, an all-reduce of the flag,
-so every rank sees the request at the same point, saves the same step, and the process exits with
-:data:`~neuroprune_ds.distributed.EXIT_REQUEUE` (the sbatch scripts requeue on it).
-
-Non-finite losses or gradients are found by :class:`FiniteGuard` before ``engine.step()`` (one all-reduce at
-the gradient-accumulation boundary): every rank stops at the same step, or, with ``on_nonfinite: skip``,
-discards that step's gradients. Nothing of a bad state is ever saved.
+The manager also owns the run's :class:`~neuroprune_ds.preemption.Preemption` (a save on a signal, every
+rank at the same step) and :class:`~neuroprune_ds.finite_guard.FiniteGuard` (nothing of a non-finite state
+is saved), which the training loop asks at every step.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -36,14 +30,16 @@ import os
 import random
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from neuroprune_ds.collectives import all_gather_object, barrier, broadcast_object
+from neuroprune_ds.finite_guard import FiniteGuard
+from neuroprune_ds.preemption import Preemption
 
 log = logging.getLogger(__name__)
 
@@ -55,161 +51,6 @@ _TAG = re.compile(r"step_(\d+)")
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be resumed as asked; the message says what to do instead."""
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradients became NaN/inf on some rank (raised on every rank at the same step)."""
-
-
-class Interrupted(Exception):
-    """Raised inside evaluation or head pruning when every rank agreed to stop for a preemption signal."""
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _any_rank(flag: bool, device) -> bool:
-    """True on every rank if ``flag`` is true on any rank (collective)."""
-    if not _distributed():
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
-# ------------------------------------------------------------------------------------------ preemption
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; :meth:`agreed` turns it into a decision shared by all ranks.
-
-    Args:
-        device: where the all-reduced flag lives (the engine's device: NCCL needs a GPU tensor).
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, device):
-        self.device = device
-        self.received: str | None = None
-        self.stop = False
-        self._previous = {}
-
-    def install(self) -> None:
-        """Install the handlers (main thread only); :meth:`uninstall` restores the previous ones."""
-        for signum in self.SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def uninstall(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        """Whether any rank got a signal (collective: every rank must call it at the same point)."""
-        if not self.stop:
-            self.stop = _any_rank(self.received is not None, self.device)
-        return self.stop
-
-    def check(self) -> None:
-        """Raise :class:`Interrupted` when the ranks agree to stop (collective)."""
-        if self.agreed():
-            raise Interrupted
-
-
-# ------------------------------------------------------------------------------------------ non-finite
-
-
-class FiniteGuard:
-    """Collective NaN/inf check of the losses and local gradient shards of one optimizer step.
-
-    Call :meth:`observe` after every ``engine.backward`` (and the pruner's ``after_backward``), before
-    ``engine.step()``. At a gradient-accumulation boundary it all-reduces one flag, so every rank takes the
-    same decision: raise :class:`NonFiniteError` (policy ``stop``), or (``skip``) make ``engine.step()``
-    leave weights and optimizer state untouched on every rank: at ZeRO 1-3 the gradient shards are set to
-    NaN so that DeepSpeed's own overflow check discards the step (``engine.skipped_steps`` counts it; the LR
-    schedule does not advance); at ZeRO-0 the gradients are dropped, so AdamW skips every parameter
-    (gradient clipping, which would fail on no gradients, is held off for that step), and :meth:`after_step`
-    puts the LR schedule back where it was, so that it does not advance there either.
-    """
-
-    def __init__(self, engine, policy: str, rank: int):
-        from neuroprune_ds.zero_access import ZeroAccess
-
-        self.engine, self.policy, self.rank = engine, policy, rank
-        self.access = ZeroAccess(engine)
-        self.params = [p for p in engine.module.parameters() if p.requires_grad]
-        self.bad_loss = False
-        self.skipped_steps = 0
-        self._held: tuple[float, dict | None, list[float]] | None = None  # ZeRO-0 skip: clipping, LR schedule
-
-    def observe(self, loss: torch.Tensor) -> None:
-        self.bad_loss |= not bool(torch.isfinite(loss.detach()).all())
-        if not self.engine.is_gradient_accumulation_boundary():
-            return
-        bad_grad = not self.bad_loss and not self._grads_finite()
-        mine = "loss" if self.bad_loss else "gradients" if bad_grad else None
-        self.bad_loss = False
-        if not _any_rank(mine is not None, self.engine.device):
-            return
-        step = self.engine.global_steps + 1
-        where = f"rank {self.rank}: non-finite {mine}" if mine else f"rank {self.rank}: finite"
-        if self.policy == "stop":
-            raise NonFiniteError(
-                f"non-finite loss or gradients at optimizer step {step} ({where}); every rank stops here and "
-                f"nothing of this state is checkpointed. Resume from the last checkpoint with a lower "
-                f"schedule.lr or stronger schedule.grad_clip, or set checkpoint.on_nonfinite=skip")
-        self.skipped_steps += 1
-        log.warning("non-finite loss or gradients at optimizer step %d (%s): step skipped on every rank", step,
-                    where)
-        self._discard_gradients()
-
-    def _grads_finite(self) -> bool:
-        finite = True
-
-        def check(grad: torch.Tensor, piece) -> None:
-            nonlocal finite
-            finite = finite and bool(torch.isfinite(grad).all())
-
-        for param in self.params:
-            self.access.edit_grad(param, check)
-            if not finite:
-                return False
-        return True
-
-    def after_step(self) -> None:
-        """Call after every ``engine.step()``: restores clipping and the LR schedule over a step skipped at ZeRO-0."""
-        if self._held is None:
-            return
-        clipping, scheduler_state, group_lrs = self._held
-        self._held = None
-        self.engine._config.gradient_clipping = clipping
-        if scheduler_state is not None:
-            self.engine.lr_scheduler.load_state_dict(scheduler_state)
-        for group, lr in zip(self.engine.optimizer.param_groups, group_lrs):
-            group["lr"] = lr
-
-    def _discard_gradients(self) -> None:
-        if not self.engine.zero_optimization() and not self.engine.bfloat16_enabled():
-            for param in self.params:
-                param.grad = None
-            scheduler = self.engine.lr_scheduler
-            self._held = (self.engine._config.gradient_clipping,
-                          None if scheduler is None else copy.deepcopy(scheduler.state_dict()),
-                          [group["lr"] for group in self.engine.optimizer.param_groups])
-            self.engine._config.gradient_clipping = 0.0  # DeepSpeed's norm of no gradients raises
-            return
-        for param in self.params:
-            self.access.edit_grad(param, lambda grad, piece: grad.fill_(float("nan")))
 
 
 # --------------------------------------------------------------------------------------- rank state
@@ -231,20 +72,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _all_gather_object(obj) -> list:
-    if not _distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+def _window_state(window) -> dict[str, float] | None:
+    if window is None:
+        return None
+    return {"loss_sum": window.loss_sum, "micro_batches": window.micro_batches, "tokens": window.tokens}
 
 
-def _broadcast_object(obj):
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def restore_window(window, state: dict[str, float] | None) -> None:
+    if state:
+        window.loss_sum, window.micro_batches, window.tokens = (state["loss_sum"], state["micro_batches"],
+                                                                state["tokens"])
 
 
 # ------------------------------------------------------------------------------------------ on disk
@@ -463,18 +300,18 @@ class CheckpointManager:
             if tag_dir.exists():  # an interrupted save of this step, or a run restarted with resume=never
                 shutil.rmtree(tag_dir)
             self._write_model_files()
-        _barrier()
-        rank_states = _all_gather_object({"rng": rng_state(), "window": _window_state(window)})
+        barrier()
+        rank_states = all_gather_object({"rng": rng_state(), "window": _window_state(window)})
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=self._client_state(
             step, rank_states, pending_eval), save_latest=False)
-        _barrier()  # every rank's shards are written
+        barrier()  # every rank's shards are written
         if self.rank == 0:
             marker = {"step": step, "world_size": self.world_size, "zero_stage": self.session.zero_stage,
                       "time": time.time()}
             _write_atomic(tag_dir / COMPLETE, json.dumps(marker) + "\n")
             _write_atomic(self.ckpt_dir / LATEST, tag + "\n")
             self._remove_old(keep=tag)
-        _barrier()
+        barrier()
         self.last_saved_step = step
         self.session.logger.log(step, {"checkpoint/save_s": time.perf_counter() - started}, kind="checkpoint")
         return tag_dir
@@ -491,22 +328,13 @@ class CheckpointManager:
                 "data": self.session.loader.state_dict(),
                 "ranks": rank_states,
                 "pending_eval": pending_eval,
-                "metrics": self._metrics_so_far(step) if self.rank == 0 else None,
+                "metrics": self.session.logger.records_through(step) if self.rank == 0 else None,
                 "skipped_steps": self.guard.skipped_steps,
             },
         }
         if self.session.pruner is not None:
             state["neuroprune"] = self.session.pruner.state_dict()
         return state
-
-    def _metrics_so_far(self, step: int) -> list[dict]:
-        from neuroprune_ds.logging_utils import METRICS_FILE
-
-        path = Path(self.session.run.output_dir) / METRICS_FILE
-        if not path.is_file():
-            return []
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [r for r in records if r.get("step", 0) <= step]
 
     def _write_model_files(self) -> None:
         """(rank 0) This run's HF config and tokenizer, at its first save: files left by an earlier run in
@@ -547,7 +375,7 @@ class CheckpointManager:
             CheckpointError: the path is not a complete checkpoint. (Another model, ZeRO stage or world size
                 is refused before, by :func:`output_dir_errors`.)
         """
-        tag_dir = _broadcast_object(self._choose() if self.rank == 0 else None)
+        tag_dir = broadcast_object(self._choose() if self.rank == 0 else None)
         if isinstance(tag_dir, CheckpointError):
             raise tag_dir
         if tag_dir is None:
@@ -565,8 +393,7 @@ class CheckpointManager:
         ranks = state["ranks"]
         set_rng_state(ranks[self.rank % len(ranks)]["rng"])
         self.guard.skipped_steps = state.get("skipped_steps", 0)
-        if self.rank == 0:
-            self._restore_metrics(state)
+        self.session.logger.forget_after(state["step"])  # what the interrupted run logged after the checkpoint
         self.last_saved_step = state["step"]
         if self.rank == 0:
             log.warning("resumed from %s at step %d%s", tag_dir, state["step"],
@@ -592,32 +419,3 @@ class CheckpointManager:
             log.warning("world size changed (%d -> %d): data continues at epoch %d batch %d, not in the exact order",
                         state["world_size"], self.world_size, data["epoch"], data["batch_index"])
         return data
-
-    def _restore_metrics(self, state: dict) -> None:
-        """Drop train/eval records logged after the checkpoint by the run that was interrupted."""
-        from neuroprune_ds.logging_utils import METRICS_FILE
-
-        self.session.logger.forget_after(state["step"])
-        path = Path(self.session.run.output_dir) / METRICS_FILE
-        if not path.is_file():
-            return
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        kept = [r for r in records if r.get("kind") == "setup" or r.get("step", 0) <= state["step"]]
-        if len(kept) != len(records):
-            # The logger appends (O_APPEND): truncating and rewriting in place keeps its handle valid.
-            with open(path, "r+") as f:
-                f.seek(0)
-                f.truncate()
-                f.write("".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _window_state(window) -> dict[str, float] | None:
-    if window is None:
-        return None
-    return {"loss_sum": window.loss_sum, "micro_batches": window.micro_batches, "tokens": window.tokens}
-
-
-def restore_window(window, state: dict[str, float] | None) -> None:
-    if state:
-        window.loss_sum, window.micro_batches, window.tokens = (state["loss_sum"], state["micro_batches"],
-                                                                state["tokens"])

@@ -14,15 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM,
-                          AutoModelForSequenceClassification)
 
-from neuroprune_ds.arch import ResolvedArchitecture, resolve_architecture
+from neuroprune_ds.arch import ResolvedArchitecture, auto_model_class, model_task, resolve_architecture
 from neuroprune_ds import train
 from neuroprune_ds.config import RunConfig
-from neuroprune_ds.data import load_raw_dataset, load_tokenizer, uses_text_to_text
-from neuroprune_ds.config_loader import (ConfigError, check_deepspeed_config, check_paths, load_config,
-                                         load_deepspeed_config)
+from neuroprune_ds.data import load_raw_dataset, load_tokenizer
+from neuroprune_ds.config_loader import ConfigError, check_paths, load_config
+from neuroprune_ds.deepspeed_config import check_deepspeed_config, load_deepspeed_config
 from neuroprune_ds.distributed import EXIT_INVALID
 
 
@@ -41,12 +39,9 @@ def build_meta_model(run: RunConfig, model_config=None) -> torch.nn.Module:
         ValueError: transformers does not know the model type for this task.
     """
     model_config = copy.deepcopy(model_config or train.load_model_config(run))
-    auto_class = {"causal_lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM,
-                  "classification": AutoModelForSequenceClassification}[run.task]
-    if uses_text_to_text(run.task, model_config.model_type):
-        auto_class = AutoModelForSeq2SeqLM
-    elif run.task == "classification":
+    if model_task(run.task, model_config.model_type) == "classification":
         model_config.num_labels = run.num_labels
+    auto_class = auto_model_class(run.task, model_config.model_type)
     with torch.device("meta"):
         return auto_class.from_config(model_config, trust_remote_code=run.model.trust_remote_code)
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from neuroprune_ds import collectives
 from neuroprune_ds.data import TaskData, eval_batches
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -59,13 +59,16 @@ def evaluate(
     finally:
         if was_training:
             model.train()
-    nll, count = _all_reduce_sum([results.pop("nll"), results.pop("tokens")], world_size, _device(model))
+    sums = [results.pop("nll"), results.pop("tokens")]
+    nll, count = collectives.sum_floats(sums, _device(model)) if world_size > 1 else sums
     metrics = {"eval/loss": nll / max(count, 1.0)}
     if data.task == "causal_lm":
         metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 700.0))
         return metrics
-    gathered = _all_gather(results["rows"], world_size)
-    order = sorted(gathered, key=lambda row: row[0])
+    rows = results["rows"]
+    if world_size > 1:
+        rows = [row for part in collectives.all_gather_object(rows) for row in part]
+    order = sorted(rows, key=lambda row: row[0])
     if data.task == "seq2seq":
         metrics |= text_generation_metrics([pred for _, pred in order], [data.eval_references[i] for i, _ in order])
         return metrics
@@ -175,22 +178,3 @@ def _generator(model, tokenizer, max_new_tokens: int, synced: bool) -> Callable[
 
 def _device(model) -> torch.device:
     return getattr(model, "device", None) or next(model.parameters()).device
-
-
-def _distributed(world_size: int) -> bool:
-    return world_size > 1 and dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce_sum(values: list[float], world_size: int, device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
-    if _distributed(world_size):
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _all_gather(rows: list, world_size: int) -> list:
-    if not _distributed(world_size):
-        return rows
-    gathered: list[list] = [None] * world_size  # type: ignore[list-item]
-    dist.all_gather_object(gathered, rows)
-    return [row for part in gathered for row in part]

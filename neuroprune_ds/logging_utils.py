@@ -39,7 +39,8 @@ class MetricsLogger:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.tensorboard_dir = str(output_dir / TENSORBOARD_DIR)
         self.writer = SummaryWriter(log_dir=self.tensorboard_dir)
-        self.jsonl = (output_dir / METRICS_FILE).open("a", buffering=1)
+        self.metrics_path = output_dir / METRICS_FILE
+        self.jsonl = self.metrics_path.open("a", buffering=1)
 
     def log(self, step: int, metrics: dict[str, float], *, kind: str) -> None:
         """Write scalars at optimizer step ``step``; ``kind`` ('train', 'eval') tags the JSON record."""
@@ -62,19 +63,38 @@ class MetricsLogger:
         for name, degree in degrees.items():
             self.writer.add_histogram(f"ffn_degree/{name}", degree.detach().float().cpu(), global_step=step)
 
-    def forget_after(self, step: int) -> None:
-        """Hide from TensorBoard what an interrupted run logged after ``step``, the step a resume restarts from.
+    def records_through(self, step: int) -> list[dict[str, Any]]:
+        """The ``metrics.jsonl`` records up to optimizer step ``step`` (what a checkpoint of that step keeps)."""
+        if not self.enabled:
+            return []
+        return [record for record in self._records() if record.get("step", 0) <= step]
 
-        A new event file starts with a session-start marker at ``step + 1``; TensorBoard drops every earlier
-        event at or after that step, so the resumed run's curves replace, not overlay, the lost ones.
-        (``metrics.jsonl`` is cut back by the checkpoint manager.)
+    def forget_after(self, step: int) -> None:
+        """Forget what an interrupted run logged after ``step``, the step a resume restarts from.
+
+        ``metrics.jsonl`` keeps its set-up records and those up to ``step``. In TensorBoard, a new event file
+        starts with a session-start marker at ``step + 1``; TensorBoard drops every earlier event at or after
+        that step, so the resumed run's curves replace, not overlay, the lost ones.
         """
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
+        records = self._records()
+        kept = [r for r in records if r.get("kind") == "setup" or r.get("step", 0) <= step]
+        if len(kept) != len(records):
+            # This logger appends (O_APPEND): truncating and rewriting in place keeps its handle valid.
+            with open(self.metrics_path, "r+") as f:
+                f.seek(0)
+                f.truncate()
+                f.write("".join(json.dumps(r) + "\n" for r in kept))
         self.writer.close()
         self.writer = SummaryWriter(log_dir=self.tensorboard_dir, purge_step=step + 1)
+
+    def _records(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
     def close(self) -> None:
         if self.enabled:

@@ -17,19 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 
-from neuroprune_ds.arch import ARCHITECTURES
+from neuroprune_ds.arch import ffn_input_weights
 from neuroprune_ds.config import NeuroPruneConfig
+from neuroprune_ds.export import NEUROPRUNE_JSON
+from neuroprune_ds.flat_slice import ROW, FlatSlice
 from neuroprune_ds.logging_utils import METRICS_FILE, heads_kept_figure
+from neuroprune_ds.penalties import GroupMember, group_stats
 
-EXPORT_FILE = "neuroprune.json"
 RUN_SUMMARY_FILE = "neuroprune_summary.json"
 REPORT_FILE = "report.md"
 
@@ -135,18 +138,17 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
         return {name: single for name in handle.keys()}
 
 
-def ffn_input_weights(model_type: str, block: str, available) -> list[str]:
-    """Parameter names of the input projections of FFN ``block`` (the registry's first complete set)."""
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"model_type {model_type!r} is not in neuroprune_ds.arch; supported: "
-                         f"{', '.join(sorted(ARCHITECTURES))}")
-    for pattern in ARCHITECTURES[model_type].ffn:
-        if re.fullmatch(pattern.path, block):
-            for inputs in pattern.inputs:
-                names = [f"{block}.{name}.weight" for name in inputs]
-                if all(name in available for name in names):
-                    return names
-    raise ValueError(f"FFN block {block!r}: its input projections are not among the weights")
+def unit_degrees(inputs: Iterable[torch.Tensor], epsilon: float) -> torch.Tensor:
+    """Degree of each FFN hidden unit: its input connections with |w| >= epsilon, summed over the block's
+    input projections (row i of each), counted as the pruner counts them (:func:`group_stats` on the full
+    matrices, in fp32 so that the counts are exact); float64 (units,). The matrices are read one at a time.
+    """
+    total = 0
+    for weight in inputs:
+        weight = weight.detach().float()
+        total = total + group_stats([GroupMember(weight.reshape(-1), FlatSlice.of(weight.shape), ROW)],
+                                    epsilon).nonzero
+    return total
 
 
 def ffn_degrees(model_dir: Path, model_type: str, widths: dict[str, int], epsilon: float) -> dict[str, np.ndarray]:
@@ -159,13 +161,16 @@ def ffn_degrees(model_dir: Path, model_type: str, widths: dict[str, int], epsilo
     from safetensors import safe_open
 
     files = _weight_files(model_dir)
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(files[name], "pt") as handle:
+            return handle.get_tensor(name)
+
     degrees = {}
     for block, width in widths.items():
+        count = unit_degrees(map(read, ffn_input_weights(model_type, block, files)), epsilon)
         total = np.zeros(width, dtype=np.int64)
-        for name in ffn_input_weights(model_type, block, files):
-            with safe_open(files[name], "pt") as handle:
-                count = (handle.get_tensor(name).float().abs() >= epsilon).sum(dim=1).numpy()
-            total[:len(count)] += count
+        total[:len(count)] = count.numpy()
         degrees[block] = total
     return degrees
 
@@ -338,12 +343,12 @@ def make_report(directory: Path, out_dir: Path | None = None, run_dir: Path | No
         what = "has no " + METRICS_FILE if run_dir.is_dir() else "is not a directory"
         raise ValueError(f"--run {run_dir} {what}; give the run's output directory (where the trainer writes "
                          f"{METRICS_FILE})")
-    if (directory / EXPORT_FILE).is_file():
-        pruning = read_export(directory / EXPORT_FILE)
+    if (directory / NEUROPRUNE_JSON).is_file():
+        pruning = read_export(directory / NEUROPRUNE_JSON)
     elif (directory / RUN_SUMMARY_FILE).is_file():
         pruning = read_run_summary(directory / RUN_SUMMARY_FILE)
     else:
-        raise ValueError(f"{directory}: neither {EXPORT_FILE} (an export) nor {RUN_SUMMARY_FILE} (a run) is there")
+        raise ValueError(f"{directory}: neither {NEUROPRUNE_JSON} (an export) nor {RUN_SUMMARY_FILE} (a run) is there")
     if dense_dir is not None and pruning.kind != "export":
         raise ValueError("--dense compares degree distributions, which need an export's weights; "
                          f"{directory} is a run directory: report its export instead")
@@ -386,7 +391,7 @@ def _in_features(file: Path, name: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The report options (``neuroprune report``)."""
     parser.add_argument("directory", metavar="RUN_OR_EXPORT_DIR", type=Path,
-                        help=f"an export ({EXPORT_FILE}) or a run directory ({RUN_SUMMARY_FILE}, {METRICS_FILE})")
+                        help=f"an export ({NEUROPRUNE_JSON}) or a run directory ({RUN_SUMMARY_FILE}, {METRICS_FILE})")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: DIR/report)")
     parser.add_argument("--run", type=Path, dest="run_dir", metavar="RUN_DIR",
                         help=f"the run's directory, for {METRICS_FILE} when DIR is an export")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import ctypes
 import dataclasses
 import functools
@@ -37,30 +36,31 @@ from deepspeed.accelerator import get_accelerator
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
     get_scheduler,
 )
 from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from neuroprune_ds import config as config_module
-from neuroprune_ds.checkpoint import (CheckpointError, CheckpointManager, Interrupted, NonFiniteError,
-                                     output_dir_errors, restore_window)
+from neuroprune_ds.arch import auto_model_class, model_task
+from neuroprune_ds.checkpoint import CheckpointError, CheckpointManager, output_dir_errors, restore_window
+from neuroprune_ds.collectives import all_reduce_sum
 from neuroprune_ds.config import RunConfig
 from neuroprune_ds.config_loader import (
     ConfigError,
-    check_deepspeed_config,
     check_paths,
     load_config,
-    load_deepspeed_config,
     save_config,
     warmup_errors,
 )
 from neuroprune_ds.data import ShardedBatchLoader, TaskData, build_task_data, load_tokenizer, uses_text_to_text
+from neuroprune_ds.deepspeed_config import (check_deepspeed_config, fill_deepspeed_config, load_deepspeed_config,
+                                            loads_universal, model_hidden_size, model_sized_errors,
+                                            model_sized_keys, zero_stage)
 from neuroprune_ds.distributed import EXIT_INVALID, EXIT_REQUEUE, barrier_and_exit, setup_distributed_env
 from neuroprune_ds.evaluation import evaluate
+from neuroprune_ds.finite_guard import NonFiniteError
 from neuroprune_ds.logging_utils import MetricsLogger
+from neuroprune_ds.preemption import Interrupted
 
 _SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
@@ -181,7 +181,7 @@ def setup(args: argparse.Namespace) -> Session:
     timings["setup/data_s"] = time.perf_counter() - started - sum(timings.values())
 
     partitioned = partitioned_loading(ds_config)
-    engine = build_engine(run, tokenizer, ds_config, total_steps=total_steps, text_to_text=text_to_text)
+    engine = build_engine(run, tokenizer, ds_config, total_steps=total_steps)
     timings["setup/engine_s"] = time.perf_counter() - started - sum(timings.values())
     pruner = None
     if run.neuroprune.enabled:
@@ -211,7 +211,7 @@ def run_errors(run: RunConfig, ds_config: dict[str, Any] | None, model_config: C
     Args:
         run: the validated run configuration.
         ds_config: its DeepSpeed config; None when it could not be read (checkpoints are then not checked
-            against its ZeRO stage).
+            against its ZeRO stage; neither are they when that stage is malformed).
         model_config: returns the model's HF config; called only by checks that need it.
         world_size: the number of ranks, when known (a checkpoint of another world size is refused).
     """
@@ -219,8 +219,10 @@ def run_errors(run: RunConfig, ds_config: dict[str, Any] | None, model_config: C
     if run.task == "seq2seq" and not model_config().is_encoder_decoder:
         errors.append(f"task: 'seq2seq' needs an encoder-decoder model (T5, BART); {run.model.name_or_path!r} is "
                       f"a decoder-only {model_config().model_type!r}: use task: causal_lm for it")
-    stage = None if ds_config is None else ds_config.get("zero_optimization", {}).get("stage", 0)
-    load_universal = bool((ds_config or {}).get("checkpoint", {}).get("load_universal", False))
+    if ds_config is not None and model_sized_keys(ds_config):
+        errors += model_sized_errors(ds_config, model_hidden_size(model_config()))
+    stage = None if ds_config is None else zero_stage(ds_config)
+    load_universal = ds_config is not None and loads_universal(ds_config)
     return errors + output_dir_errors(run, zero_stage=stage, load_universal=load_universal,
                                       read_model_config=model_config, world_size=world_size)
 
@@ -254,7 +256,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 def prepare_deepspeed_config(run: RunConfig, world_size: int) -> dict[str, Any]:
     """Read ``run.deepspeed``, cross-check it against the run, and fill in what the trainer decides."""
     ds_config = load_deepspeed_config(run.deepspeed)
-    _raise_if(check_deepspeed_config(ds_config, run, world_size) + optimizer_errors(ds_config, run))
+    _raise_if(check_deepspeed_config(ds_config, run, world_size, get_accelerator().device_name()))
     hidden_size = model_hidden_size(load_model_config(run)) if model_sized_keys(ds_config) else None
     return fill_deepspeed_config(ds_config, run, world_size, hidden_size=hidden_size)
 
@@ -272,9 +274,9 @@ def partitioned_loading(ds_config: dict[str, Any]) -> HfDeepSpeedConfig | None:
     return None
 
 
-def build_engine(run: RunConfig, tokenizer, ds_config: dict[str, Any], *, total_steps: int, text_to_text: bool):
+def build_engine(run: RunConfig, tokenizer, ds_config: dict[str, Any], *, total_steps: int):
     """Model, AdamW and LR schedule wrapped by ``deepspeed.initialize``; returns the engine."""
-    model = load_model(run, tokenizer, text_to_text=text_to_text)
+    model = load_model(run, tokenizer)
     if run.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
     optimizer = build_optimizer(model, run)
@@ -354,98 +356,6 @@ def _rank_among_its_host(rank: int, world_size: int) -> int:
     return hosts[:rank].count(hosts[rank])
 
 
-def fill_deepspeed_config(ds: dict[str, Any], run: RunConfig, world_size: int, *,
-                          hidden_size: int | None = None) -> dict[str, Any]:
-    """Complete a DeepSpeed config from the run: batch sizes, clipping and bf16 given as "auto" or absent,
-    and the ZeRO buffer sizes given as "auto" from the model's hidden size (:data:`MODEL_SIZED_KEYS`).
-
-    The optimizer and LR schedule are the trainer's (``schedule.optimizer``, ``schedule.*``). A JSON that
-    defines its own, or disagrees on batch sizes, clipping or dtype, is refused by ``check_deepspeed_config``
-    first.
-
-    Raises:
-        ConfigError: it has model-sized "auto" keys and no ``hidden_size`` is given.
-    """
-    ds = copy.deepcopy(ds)
-    sized = model_sized_keys(ds)
-    if sized and hidden_size is None:
-        raise ConfigError([f"deepspeed.zero_optimization.{key}: \"auto\" needs the model's hidden_size, which "
-                           "its config does not give; set a number" for key in sized])
-    schedule = run.schedule
-    ds["train_micro_batch_size_per_gpu"] = schedule.micro_batch_size
-    ds["gradient_accumulation_steps"] = schedule.gradient_accumulation_steps
-    ds["train_batch_size"] = schedule.micro_batch_size * schedule.gradient_accumulation_steps * world_size
-    ds["gradient_clipping"] = schedule.grad_clip
-    bf16 = ds.setdefault("bf16", {})
-    if bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = run.model.dtype == "bf16"
-    for key in sized:
-        ds["zero_optimization"][key] = MODEL_SIZED_KEYS[key](hidden_size)
-    # A client torch optimizer needs no compiled op; ZeRO only accepts it when told so, and ZeRO-Offload
-    # additionally insists on DeepSpeedCPUAdam unless zero_force_ds_cpu_optimizer is false.
-    ds["zero_allow_untested_optimizer"] = True
-    if _offloads_optimizer(ds):
-        ds.setdefault("zero_force_ds_cpu_optimizer", False)
-    return ds
-
-
-MODEL_SIZED_KEYS: dict[str, Callable[[int], int]] = {
-    # The HF Trainer's rules for "auto" (transformers.integrations.HfTrainerDeepSpeedConfig).
-    "reduce_bucket_size": lambda hidden: hidden * hidden,
-    "stage3_prefetch_bucket_size": lambda hidden: int(0.9 * hidden * hidden),
-    "stage3_param_persistence_threshold": lambda hidden: 10 * hidden,
-    # About one decoder layer (12-16 hidden^2 in LLaMA/OPT/T5 shapes), at most DeepSpeed's default 1e9: the
-    # default keeps every parameter of a model under 1e9 gathered from forward to backward on every rank.
-    "stage3_max_live_parameters": lambda hidden: min(16 * hidden * hidden, 10**9),
-    "stage3_max_reuse_distance": lambda hidden: min(16 * hidden * hidden, 10**9),
-    # The optimizer steps one sub-group at a time, with a flattened fp32 gradient and AdamW's temporaries of
-    # that size: DeepSpeed's default 1e9 makes them as large as this rank's whole partition.
-    "sub_group_size": lambda hidden: min(16 * hidden * hidden, 10**9),
-}
-"""ZeRO buffer sizes (elements) a DeepSpeed JSON may give as "auto": hidden size → value."""
-
-
-def model_sized_keys(ds: dict[str, Any]) -> list[str]:
-    """The ``zero_optimization`` keys of ``ds`` that are "auto" and sized from the model."""
-    zero = ds.get("zero_optimization", {})
-    return [key for key in MODEL_SIZED_KEYS if isinstance(zero, dict) and zero.get(key) == "auto"]
-
-
-def model_hidden_size(model_config) -> int | None:
-    """The hidden size the "auto" ZeRO buffer sizes follow (the largest one; a text config's if nested)."""
-    for config in (model_config, getattr(model_config, "text_config", None)):
-        if getattr(config, "hidden_size", None):
-            return int(config.hidden_size)
-        if getattr(config, "hidden_sizes", None):
-            return int(max(config.hidden_sizes))
-    return None
-
-
-def _offloads_optimizer(ds: dict[str, Any]) -> bool:
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
-    return offload.get("device", "none") not in ("none", None)
-
-
-OPTIMIZERS = ("torch", "fused", "cpu_adam")
-
-
-def optimizer_errors(ds: dict[str, Any], run: RunConfig) -> list[str]:
-    """Where ``schedule.optimizer`` cannot run with this DeepSpeed config and accelerator (one line each)."""
-    choice, offloaded = run.schedule.optimizer, _offloads_optimizer(ds)
-    if choice == "cpu_adam" and not offloaded:
-        return ["schedule.optimizer: 'cpu_adam' (DeepSpeedCPUAdam) steps optimizer states held in CPU memory; "
-                "it needs deepspeed.zero_optimization.offload_optimizer.device 'cpu' (ds_configs/zero3_offload_*"
-                ".json); without offload use 'torch' or, on GPUs, 'fused'"]
-    if choice == "fused" and offloaded:
-        return ["schedule.optimizer: 'fused' (DeepSpeed FusedAdam) runs on the accelerator, but "
-                "deepspeed.zero_optimization.offload_optimizer keeps the optimizer states in CPU memory; use "
-                "'cpu_adam' (or 'torch')"]
-    if choice == "fused" and get_accelerator().device_name() == "cpu":
-        return ["schedule.optimizer: 'fused' (DeepSpeed FusedAdam) is a GPU kernel and the DeepSpeed "
-                "accelerator here is 'cpu'; use 'torch'"]
-    return []
-
-
 def load_model_config(run: RunConfig):
     """The model's HF config (only its metadata is read, also from a GGUF file; read once per process)."""
     try:
@@ -465,7 +375,7 @@ def _cannot_load_model(run: RunConfig, err: OSError) -> OSError:
                    f"with the hub reachable): {err}")
 
 
-def load_model(run: RunConfig, tokenizer, *, text_to_text: bool) -> torch.nn.Module:
+def load_model(run: RunConfig, tokenizer) -> torch.nn.Module:
     """The pretrained model with the task's head, in the training dtype.
 
     Under ZeRO-3 (see :func:`partitioned_loading`) it comes back partitioned: each rank holds its share of
@@ -474,15 +384,11 @@ def load_model(run: RunConfig, tokenizer, *, text_to_text: bool) -> torch.nn.Mod
     dtype = torch.bfloat16 if run.model.dtype == "bf16" else torch.float32
     kwargs: dict[str, Any] = {"gguf_file": run.model.gguf_file, "trust_remote_code": run.model.trust_remote_code,
                               "dtype": dtype}
-    if run.task == "causal_lm":
-        auto_class = AutoModelForCausalLM
-    elif run.task == "seq2seq" or text_to_text:
-        auto_class = AutoModelForSeq2SeqLM
-    else:
-        auto_class = AutoModelForSequenceClassification
+    model_type = load_model_config(run).model_type
+    if model_task(run.task, model_type) == "classification":
         kwargs["num_labels"] = run.num_labels
     try:
-        model = auto_class.from_pretrained(run.model.name_or_path, **kwargs)
+        model = auto_model_class(run.task, model_type).from_pretrained(run.model.name_or_path, **kwargs)
     except OSError as err:
         raise _cannot_load_model(run, err) from err
     if model.config.pad_token_id is None:
@@ -620,10 +526,9 @@ def log_train_step(session: Session, window: _Window, step: int) -> dict[str, fl
 
     tokens/s counts non-padding input tokens of all ranks (encoder inputs for seq2seq) over wall time.
     """
-    totals = torch.tensor([window.loss_sum, window.micro_batches, window.tokens], dtype=torch.float64,
-                          device=session.engine.device)
-    if session.world_size > 1:
-        dist.all_reduce(totals)
+    device = session.engine.device
+    (totals,) = all_reduce_sum([torch.tensor([window.loss_sum, window.micro_batches, window.tokens],
+                                             dtype=torch.float64, device=device)], device)
     elapsed = time.perf_counter() - window.start
     metrics = {
         "train/loss": float(totals[0] / totals[1]),

@@ -21,6 +21,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_get_local_grad,
                              safe_set_local_fp32_param, safe_set_local_grad)
 
+from neuroprune_ds import collectives
 from neuroprune_ds.flat_slice import FlatSlice
 
 SliceEdit = Callable[[torch.Tensor, FlatSlice], None]
@@ -47,7 +48,6 @@ class ZeroAccess:
         """Where everything the pruner keeps lives and where collectives run (NCCL takes only GPU tensors)."""
         self._optimizer_keys: list[str] = []
         self.stage = engine.zero_optimization_stage()
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         offload = engine.zero_offload_optimizer() if self.stage == 3 else None
         # NVMe offload swaps the partitions in and out around each access: only DeepSpeed's own API keeps that.
         self.cpu_offload = offload is not None and str(getattr(offload.device, "value", offload.device)) == "cpu"
@@ -237,22 +237,13 @@ class ZeroAccess:
 
     # -- communication ---------------------------------------------------------------------------------
     def all_reduce_sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Sum same-dtype tensors over ranks in ONE collective (flatten, all-reduce, split).
-
-        The sums come back on the engine's device, also for statistics of shards offloaded to the CPU.
-        """
-        if self.world_size == 1 or not tensors:
-            return tensors
-        flat = torch.cat([t.reshape(-1).to(self.device) for t in tensors])
-        dist.all_reduce(flat)
-        return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        """Sum same-dtype tensors over ranks in ONE collective; the sums come back on the engine's device,
+        also for statistics of shards offloaded to the CPU (:func:`neuroprune_ds.collectives.all_reduce_sum`)."""
+        return collectives.all_reduce_sum(tensors, self.device)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank ``src``'s value of ``tensor`` (on the engine's device) on every rank (in place)."""
-        assert tensor.device == self.device, f"broadcast of a tensor on {tensor.device}, not on {self.device}"
-        if self.world_size > 1:
-            dist.broadcast(tensor, src=src)
-        return tensor
+        return collectives.broadcast(tensor, self.device, src)
 
 
 def _stepped(optimizer: torch.optim.Optimizer) -> set[int]:

@@ -19,9 +19,7 @@ import argparse
 import json
 import os
 import sys
-from datetime import timedelta
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -29,8 +27,10 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import InitProcessGroupKwargs
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hf_trainer_worker import FAMILY, LR, examples, gathered_masters, neuroprune_config  # noqa: E402
+from hf_trainer_worker import FAMILY, LR, examples, neuroprune_config  # noqa: E402
 from tiny_models import equivalence_model  # noqa: E402
+from worker_harness import (TIMEOUT, build_engine, gathered_masters, save_and_exit, single_thread,  # noqa: E402
+                            train_step)
 
 from neuroprune_ds.hf_trainer import attach_neuroprune  # noqa: E402
 from neuroprune_ds.pruner import NeuroPruner  # noqa: E402
@@ -53,7 +53,7 @@ def probe_default_backend() -> dict:
 
 
 def train_with_accelerate(model, backend: str) -> tuple[dict, list]:
-    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=180))] if backend != "auto" else []
+    handlers = [InitProcessGroupKwargs(backend=backend, timeout=TIMEOUT)] if backend != "auto" else []
     accelerator = Accelerator(kwargs_handlers=handlers)
     # accelerate takes the accumulation steps from the DeepSpeed config (its own attribute stays 1)
     gas = accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
@@ -82,15 +82,10 @@ def train_with_accelerate(model, backend: str) -> tuple[dict, list]:
 
 
 def train_by_hand(model, recorded: list, ds_config: dict) -> dict:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine = build_engine(model, ds_config, lr=LR, weight_decay=0.0)
     pruner = NeuroPruner(engine, neuroprune_config("steps"))
     for inputs in recorded:
-        loss = engine(**{k: v.to(engine.device) for k, v in inputs.items()}).loss
-        engine.backward(loss)
-        pruner.after_backward()
-        engine.step()
-        pruner.after_step()
+        train_step(engine, pruner, inputs)
     result = {"master": {k: v.cpu() for k, v in gathered_masters(pruner).items()},
               "alive": {name: mask.clone() for name, mask in pruner.alive.items()}}
     engine.destroy()
@@ -103,7 +98,7 @@ def main() -> None:
     parser.add_argument("--backend", default="gloo")
     parser.add_argument("--probe-default-backend", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    single_thread()
     # Both models before any Accelerator: a ZeRO-3 Accelerator makes transformers build models inside
     # deepspeed.zero.Init, where planting the redundant heads into partitioned weights would do nothing.
     models = [equivalence_model(FAMILY) for _ in range(2)]
@@ -111,13 +106,7 @@ def main() -> None:
     results["accelerate"], recorded = train_with_accelerate(models[0], args.backend)
     ds_config = json.loads(open(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).read())
     results["by_hand"] = train_by_hand(models[1], recorded, ds_config)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        torch.save(results, args.out)
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    save_and_exit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -22,21 +22,20 @@ import signal
 import sys
 from pathlib import Path
 
-from neuroprune_ds.distributed import barrier_and_exit, setup_distributed_env
+from worker_harness import start_plan_worker
+
+from neuroprune_ds.distributed import barrier_and_exit
 
 
 def main(plan_path: str) -> None:
-    setup_distributed_env()
+    plan = start_plan_worker(plan_path)
     import datasets
-    import torch
 
-    from neuroprune_ds import checkpoint, pruner, train
+    from neuroprune_ds import checkpoint, finite_guard, preemption, pruner, train
 
-    torch.set_num_threads(1)
-    plan = json.loads(Path(plan_path).read_text())
     original = {name: getattr(checkpoint.CheckpointManager, name) for name in ("after_step", "save", "resume")}
-    original_check = checkpoint.Preemption.check
-    original_observe = checkpoint.FiniteGuard.observe
+    original_check = preemption.Preemption.check
+    original_observe = finite_guard.FiniteGuard.observe
     original_prune = pruner.NeuroPruner.prune_heads
     original_load_model = train.load_model
     original_map_single = datasets.Dataset._map_single
@@ -120,8 +119,8 @@ def main(plan_path: str) -> None:
         checkpoint.CheckpointManager.after_step = after_step
         checkpoint.CheckpointManager.save = save
         checkpoint.CheckpointManager.resume = resume
-        checkpoint.Preemption.check = check
-        checkpoint.FiniteGuard.observe = observe
+        preemption.Preemption.check = check
+        finite_guard.FiniteGuard.observe = observe
         train.load_model = load_model
         datasets.Dataset._map_single = staticmethod(map_single)
         args = train.parse_args(["--config", run["config"], "--deepspeed", run["deepspeed"], *run.get("overrides", [])])

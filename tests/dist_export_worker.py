@@ -14,20 +14,20 @@ records the logits of the masked model (the gathered fp32 master weights in a pl
 import dataclasses
 import os
 import sys
-import traceback
-from datetime import timedelta
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 from export_helpers import export_inputs  # noqa: E402
 from tiny_models import MODEL_CLASSES, batch, equivalence_model  # noqa: E402
+from worker_harness import (build_engine, ds_config, gathered_masters, join_process_group,  # noqa: E402
+                            run_scenarios, train_step)
 
 from neuroprune_ds.arch import resolve_architecture  # noqa: E402
 from neuroprune_ds.checkpoint import COMPLETE  # noqa: E402
 from neuroprune_ds.config import NeuroPruneConfig  # noqa: E402
+from neuroprune_ds.distributed import barrier_and_exit  # noqa: E402
 from neuroprune_ds.flat_slice import COL, ROW  # noqa: E402
 from neuroprune_ds.pruner import NeuroPruner  # noqa: E402
 
@@ -45,13 +45,6 @@ def scenario_dir(out_dir: str, scenario: str) -> str:
 def reference_batch(family: str) -> dict:
     """The batch the test feeds every export of ``family``."""
     return export_inputs(TASKS[family] == "seq2seq", seed=7)
-
-
-def ds_config(stage: int, dtype: str) -> dict:
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-            "bf16": {"enabled": dtype == "bf16"}, "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9}
 
 
 def vary_layer_one(model: torch.nn.Module) -> None:
@@ -90,16 +83,11 @@ def run(out_dir: str, scenario: str) -> None:
     family, stage, dtype = scenario.split(":")
     model = equivalence_model(family)
     vary_layer_one(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(int(stage), dtype))
+    engine = build_engine(model, ds_config(int(stage), dtype), lr=1e-3, weight_decay=0.01)
     pruner = NeuroPruner(engine, NEUROPRUNE)
     rank = dist.get_rank()
     for step in range(STEPS):
-        inputs = {k: v.to(engine.device) for k, v in batch(family, step, rank).items()}
-        engine.backward(engine(**inputs).loss)
-        pruner.after_backward()
-        engine.step()
-        pruner.after_step()
+        train_step(engine, pruner, batch(family, step, rank))
     kill_ffn_units(pruner)
     ckpt_dir = scenario_dir(out_dir, scenario)
     client_state = {"neuroprune": pruner.state_dict(), "neuroprune_config": dataclasses.asdict(NEUROPRUNE),
@@ -108,7 +96,7 @@ def run(out_dir: str, scenario: str) -> None:
     dist.barrier()
     if rank == 0:  # the trainer's marker that every rank's files are on disk
         open(os.path.join(ckpt_dir, f"step{STEPS}", COMPLETE), "w").close()
-    master = {name: pruner.access.full_fp32(p) for name, p in pruner.params.items()}  # collective
+    master = gathered_masters(pruner)  # collective
     if rank == 0:
         engine.module.config.save_pretrained(ckpt_dir)
         reference = MODEL_CLASSES[family].from_config(engine.module.config).eval()
@@ -125,19 +113,9 @@ def run(out_dir: str, scenario: str) -> None:
 
 def main() -> None:
     out_dir, scenarios = sys.argv[1], sys.argv[2:]
-    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=180))
-    torch.set_num_threads(1)
-    failed = False
-    for scenario in scenarios:
-        try:
-            run(out_dir, scenario)
-        except Exception:
-            failed = True
-            print(f"{scenario}: {traceback.format_exc()}", file=sys.stderr, flush=True)
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1 if failed else 0)
+    join_process_group()
+    _, failed = run_scenarios(scenarios, lambda scenario: run(out_dir, scenario))
+    barrier_and_exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

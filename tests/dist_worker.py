@@ -12,8 +12,6 @@ reference. A scenario that DeepSpeed cannot run records the exact exception text
 
 import os
 import sys
-import traceback
-from datetime import timedelta
 
 import deepspeed
 import torch
@@ -22,6 +20,8 @@ from deepspeed.utils import safe_get_full_optimizer_state
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import batch, equivalence_model  # noqa: E402
+from worker_harness import (build_engine, ds_config, gathered_masters, join_process_group,  # noqa: E402
+                            run_scenarios, save_and_exit, train_step)
 
 from neuroprune_ds.arch import resolve_architecture  # noqa: E402
 from neuroprune_ds.config import NeuroPruneConfig  # noqa: E402
@@ -52,22 +52,6 @@ def parse(scenario: str) -> tuple[str, int, str, int, set[str], str]:
     family, stage, dtype, *rest = head.split(":")
     gas = int(rest.pop(0)) if rest and rest[0].isdigit() else 1
     return family, int(stage), dtype, gas, set(rest), variant
-
-
-def ds_config(stage: int, dtype: str, gas: int, persist_numel: int = 0, offload: bool = False) -> dict:
-    zero = {"stage": stage, "stage3_param_persistence_threshold": persist_numel}
-    if offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    return {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": gas,
-        "gradient_clipping": CLIP,
-        "zero_optimization": zero,
-        "bf16": {"enabled": dtype == "bf16"},
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-    }
 
 
 ROUND_TRIPS = ("safe_get_local_fp32_param", "safe_set_local_fp32_param", "safe_get_local_grad")
@@ -114,10 +98,9 @@ def run(family: str, stage: int, dtype: str, gas: int, options: set[str], varian
     forward_calls = []
     ffn_input = resolve_architecture(model).ffn[0].inputs[0].weight.removesuffix(".weight")
     model.get_submodule(ffn_input).register_forward_pre_hook(lambda *_: forward_calls.append(1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     persist_numel = PERSIST_NUMEL if "persist" in options else 0
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=ds_config(stage, dtype, gas, persist_numel, "offload" in options))
+    engine = build_engine(model, ds_config(stage, dtype, gas=gas, clip=CLIP, persist_numel=persist_numel,
+                                           offload="offload" in options), lr=LR, weight_decay=0.01)
     pruner = NeuroPruner(engine, VARIANTS[variant])
     pruner.total_steps = STEPS
     # What stop_at_zero holds during a step (registered after the pruner's hook, so it sees the signs taken)
@@ -132,13 +115,7 @@ def run(family: str, stage: int, dtype: str, gas: int, options: set[str], varian
             support_at_recovery = {name: pruner.access.full_fp32(pruner.params[name]) != 0
                                    for name in pruner.penalised_names}
         for micro in range(gas):
-            inputs = {k: v.to(engine.device) for k, v in batch(family, step, rank, micro).items()}
-            loss = engine(**inputs).loss
-            engine.backward(loss)
-            pruner.after_backward()
-            engine.step()
-            pruner.after_step()
-            losses.append(float(loss.detach()))
+            losses.append(float(train_step(engine, pruner, batch(family, step, rank, micro)).detach()))
         penalties.append(dict(pruner.last_penalties))
     calls = {name: round_trips[name] - calls_before[name] for name in round_trips}
     partitioned = {name: not pruner.access.local_slice(p).is_full for name, p in pruner.params.items()}
@@ -146,7 +123,7 @@ def run(family: str, stage: int, dtype: str, gas: int, options: set[str], varian
     masked = {e[0] for b in pruner.arch.attention for e in pruner.structure.mask_entries(b)}
     masked |= {e[0] for b in pruner.arch.ffn for e in pruner.structure.ffn_mask_entries(b)} | penalised
     result = {
-        "master": {name: pruner.access.full_fp32(p) for name, p in pruner.params.items()},
+        "master": gathered_masters(pruner),
         "working": {name: gathered_working(engine, p) for name, p in pruner.params.items()},
         "moments": {name: moments(engine, pruner, pruner.params[name]) for name in sorted(masked)},
         "metrics": pruner.metrics(),
@@ -173,25 +150,11 @@ def run(family: str, stage: int, dtype: str, gas: int, options: set[str], varian
 
 def main() -> None:
     out, scenarios = sys.argv[1], sys.argv[2:]
-    backend = "nccl" if torch.cuda.is_available() else "gloo"  # tools/gpu_check.py runs it on GPUs
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=180))
-    torch.set_num_threads(1)
-    results = {}
+    join_process_group("nccl" if torch.cuda.is_available() else "gloo")  # tools/gpu_check.py runs it on GPUs
     round_trips = count_round_trips()
-    for scenario in scenarios:
-        try:
-            results[scenario] = run(*parse(scenario), round_trips=round_trips)
-        except Exception:  # DeepSpeed cannot run this scenario here: record its exact error for the test
-            results[scenario] = {"error": traceback.format_exc()}
-            if dist.get_rank() == 0:
-                print(results[scenario]["error"], file=sys.stderr, flush=True)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        torch.save(results, out)
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # A scenario DeepSpeed cannot run here records its exact error for the test.
+    results, _ = run_scenarios(scenarios, lambda scenario: run(*parse(scenario), round_trips=round_trips))
+    save_and_exit(results, out)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,7 @@ writes both runs' gathered fp32 master weights, masks and the Trainer's log hist
 import gc
 import os
 import sys
-import traceback
-from datetime import timedelta
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from accelerate.state import AcceleratorState
@@ -25,6 +22,8 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import batch, equivalence_model  # noqa: E402
+from worker_harness import (build_engine, ds_config, gathered_masters, join_process_group,  # noqa: E402
+                            run_scenarios, save_and_exit, train_step)
 
 from neuroprune_ds.config import NeuroPruneConfig  # noqa: E402
 from neuroprune_ds.hf_trainer import add_neuroprune, init_deepspeed_cpu_state  # noqa: E402
@@ -43,14 +42,13 @@ def neuroprune_config(schedule: str) -> NeuroPruneConfig:
                             prune_every_steps=0 if schedule == "epochs" else 2)
 
 
-def ds_config(stage: int, gas: int, world_size: int, *, auto: bool) -> dict:
+def trainer_ds_config(stage: int, gas: int, world_size: int, *, auto: bool) -> dict:
     """The DeepSpeed JSON; the Trainer gets 'auto' batch fields and fills them from TrainingArguments."""
     batch_fields = ({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                      "train_batch_size": "auto", "gradient_clipping": "auto"} if auto else
                     {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": gas,
                      "train_batch_size": MICRO_BATCH * gas * world_size, "gradient_clipping": CLIP})
-    return {**batch_fields, "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-            "bf16": {"enabled": False}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    return {**ds_config(stage), **batch_fields}
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -100,15 +98,11 @@ def training_args(output_dir: str, stage: int, gas: int, schedule: str, max_step
     AcceleratorState._reset_state(reset_partial_state=True)
     init_deepspeed_cpu_state()
     return TrainingArguments(
-        output_dir=output_dir, deepspeed=ds_config(stage, gas, dist.get_world_size(), auto=True),
+        output_dir=output_dir, deepspeed=trainer_ds_config(stage, gas, dist.get_world_size(), auto=True),
         per_device_train_batch_size=MICRO_BATCH, gradient_accumulation_steps=gas, learning_rate=LR,
         weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=CLIP, optim="adamw_torch",
         num_train_epochs=EPOCHS[schedule], max_steps=max_steps, logging_steps=2, report_to=[],
         disable_tqdm=True, seed=0, accelerator_config={"use_configured_state": True}, **extra)
-
-
-def gathered_masters(pruner: NeuroPruner) -> dict:
-    return {name: pruner.access.full_fp32(param) for name, param in pruner.params.items()}
 
 
 def run_trainer(stage: int, gas: int, schedule: str, output_dir: str) -> dict:
@@ -154,16 +148,11 @@ def run_trainer(stage: int, gas: int, schedule: str, output_dir: str) -> dict:
 def run_by_hand(stage: int, gas: int, schedule: str, recorded: list, epoch_marks: list) -> dict:
     unset_hf_deepspeed_config()
     model = equivalence_model(FAMILY)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=ds_config(stage, gas, dist.get_world_size(), auto=False))
+    engine = build_engine(model, trainer_ds_config(stage, gas, dist.get_world_size(), auto=False), lr=LR,
+                          weight_decay=0.0)
     pruner = NeuroPruner(engine, neuroprune_config(schedule))
     for index, inputs in enumerate(recorded):
-        loss = engine(**inputs).loss
-        engine.backward(loss)
-        pruner.after_backward()
-        engine.step()
-        pruner.after_step()
+        train_step(engine, pruner, inputs)
         if index + 1 in epoch_marks:
             pruner.on_epoch_end()
     result = {"master": gathered_masters(pruner),
@@ -172,29 +161,22 @@ def run_by_hand(stage: int, gas: int, schedule: str, recorded: list, epoch_marks
     return result
 
 
+def run(scenario: str, output_root: str) -> dict:
+    """The Trainer's run of ``stage:gas:schedule`` and the hand-driven one on the same batches."""
+    stage, gas, schedule = scenario.split(":")
+    try:
+        trainer, recorded, marks = run_trainer(int(stage), int(gas), schedule,
+                                               os.path.join(output_root, scenario.replace(":", "_")))
+        return {"trainer": trainer, "by_hand": run_by_hand(int(stage), int(gas), schedule, recorded, marks)}
+    finally:
+        gc.collect()
+
+
 def main() -> None:
     out, output_root, scenarios = sys.argv[1], sys.argv[2], sys.argv[3:]
-    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=180))
-    torch.set_num_threads(1)
-    results = {}
-    for scenario in scenarios:
-        stage, gas, schedule = scenario.split(":")
-        try:
-            trainer, recorded, marks = run_trainer(int(stage), int(gas), schedule,
-                                                   os.path.join(output_root, scenario.replace(":", "_")))
-            results[scenario] = {"trainer": trainer, "by_hand": run_by_hand(int(stage), int(gas), schedule,
-                                                                           recorded, marks)}
-        except Exception:  # record the exact error for the test, carry on with the other scenarios
-            results[scenario] = {"error": traceback.format_exc()}
-            print(results[scenario]["error"], file=sys.stderr, flush=True)
-        gc.collect()
-    dist.barrier()
-    if dist.get_rank() == 0:
-        torch.save(results, out)
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    join_process_group()
+    results, _ = run_scenarios(scenarios, lambda scenario: run(scenario, output_root))
+    save_and_exit(results, out)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,15 @@ import sys
 import traceback
 from pathlib import Path
 
-from neuroprune_ds.distributed import barrier_and_exit, setup_distributed_env
+from worker_harness import start_plan_worker
+
+from neuroprune_ds.distributed import barrier_and_exit
 
 
 def main(plan_path: str) -> None:
-    setup_distributed_env()
-    import torch
-
+    plan = start_plan_worker(plan_path)
     from neuroprune_ds import cli, train
 
-    torch.set_num_threads(1)
-    plan = json.loads(Path(plan_path).read_text())
     results = {}
     for case in plan:
         arguments = [case["config"], "--deepspeed", case["deepspeed"], *case.get("overrides", [])]

@@ -4,7 +4,7 @@ The 2-rank ZeRO-3 equality of losses and pruner updates with and without it is i
 """
 
 from neuroprune_ds.config import RunConfig
-from neuroprune_ds.config_loader import check_deepspeed_config
+from neuroprune_ds.deepspeed_config import check_deepspeed_config
 from neuroprune_ds.train import config_reference, enable_activation_checkpointing
 from tiny_models import tiny_model
 

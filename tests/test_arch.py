@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from neuroprune_ds.arch import resolve_architecture
+from neuroprune_ds.arch import (ARCHITECTURES, auto_model_class, ffn_input_weights, penalised_weights,
+                                resolve_architecture)
 from neuroprune_ds.config import NeuroPruneConfig
+from neuroprune_ds.heads import UnitLayout
 from tiny_models import MODEL_CLASSES, TINY_CONFIGS
 
 
@@ -83,3 +85,47 @@ def test_unknown_model_type_lists_supported_and_how_to_add():
         model = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2))
     with pytest.raises(ValueError, match=r"'gpt2' is not supported; supported: bart, bert, .*register_architecture"):
         resolve_architecture(model)
+
+
+def test_penalised_weights_are_q_k_v_and_every_ffn_matrix():
+    """The attention output projection is not penalised (docs/algorithm.md section 2)."""
+    arch = resolve_architecture(meta_model("llama"))
+    attention = [f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj", "k_proj", "v_proj")]
+    ffn = [f"model.layers.{i}.mlp.{p}.weight" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+    assert penalised_weights(arch) == attention + ffn
+
+
+def test_attention_block_layout_splits_gqa_into_kv_groups():
+    block = resolve_architecture(meta_model("llama")).attention[0]
+    assert block.layout == UnitLayout(num_units=2, heads_per_unit=2, head_dim=8)
+    assert block.layout.q_rows_per_unit == 16
+
+
+@pytest.mark.parametrize("family", ["t5", "t5_v1_0", "llama", "bert"])
+def test_ffn_input_weights_from_weight_names_alone(family):
+    """What the report reads from an export's safetensors names equals what the model resolves to."""
+    model = meta_model(family)
+    available = {name for name, _ in model.named_parameters()}
+    for block in resolve_architecture(model).ffn:
+        assert ffn_input_weights(model.config.model_type, block.name, available) == [i.weight for i in block.inputs]
+    with pytest.raises(ValueError, match="input projections are not among the weights"):
+        ffn_input_weights(model.config.model_type, block.name, available - {block.inputs[0].weight})
+
+
+def test_task_selects_the_auto_model_class():
+    import transformers
+    assert auto_model_class("causal_lm", "llama") is transformers.AutoModelForCausalLM
+    assert auto_model_class("seq2seq", "bart") is transformers.AutoModelForSeq2SeqLM
+    assert auto_model_class("classification", "bart") is transformers.AutoModelForSequenceClassification
+    assert auto_model_class("classification", "t5") is transformers.AutoModelForSeq2SeqLM  # text-to-text
+
+
+def test_every_compact_family_names_classes_its_module_has():
+    from neuroprune_ds.export.compact_models import load_module
+
+    for model_type, spec in ARCHITECTURES.items():
+        if spec.compact is None:
+            continue
+        module = load_module(spec.compact)
+        for class_name in (spec.compact.config_class, *spec.compact.model_classes.values()):
+            assert hasattr(module, class_name), (model_type, class_name)

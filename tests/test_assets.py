@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuroprune_ds import assets
+import assets
 
 pytestmark = pytest.mark.real
 
@@ -188,8 +188,9 @@ def test_debian_asset_without_apt_names_the_missing_tool(tmp_path, monkeypatch):
 
 def test_concurrent_fetches_build_once(tmp_path):
     env = {**os.environ, "NEUROPRUNE_CACHE": str(tmp_path)}
-    code = "from neuroprune_ds import assets; print(assets.botchan_text())"
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    code = "import assets; print(assets.botchan_text())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=Path(assets.__file__).parent, env=env,
+                              stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [proc.communicate(timeout=300)[0].strip() for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0]

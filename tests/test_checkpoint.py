@@ -383,6 +383,31 @@ def test_requeued_sbatch_job_continues_where_it_stopped(tmp_path, assets):
             subprocess.run([str(LOCAL_SLURM), "stop"], timeout=120)
 
 
+# ----------------------------------------------------------------------- metrics.jsonl at a resume (one process)
+
+
+def test_resume_cuts_metrics_jsonl_back_to_the_checkpoint_and_a_save_keeps_the_records_up_to_it(tmp_path):
+    """What an interrupted run logged after its last checkpoint is dropped (set-up records stay), in the file
+    the new run's logger already appends to; a checkpoint keeps the records up to its step."""
+    from neuroprune_ds.logging_utils import METRICS_FILE, MetricsLogger
+
+    crashed = MetricsLogger(tmp_path, enabled=True)
+    crashed.log(0, {"setup/load_s": 1.0}, kind="setup")
+    for step in range(1, 6):
+        crashed.log(step, {"train/loss": float(step)}, kind="train")
+    resumed = MetricsLogger(tmp_path, enabled=True)  # SIGKILL: never closed; step 2 is the last checkpoint
+    resumed.log(0, {"setup/load_s": 2.0}, kind="setup")
+    assert [(r["kind"], r["step"]) for r in resumed.records_through(3)] == \
+        [("setup", 0), ("train", 1), ("train", 2), ("train", 3), ("setup", 0)]
+    resumed.forget_after(2)
+    resumed.log(3, {"train/loss": 30.0}, kind="train")
+    resumed.close()
+    records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert [(r["kind"], r["step"], r.get("train/loss")) for r in records] == \
+        [("setup", 0, None), ("train", 1, 1.0), ("train", 2, 2.0), ("setup", 0, None), ("train", 3, 30.0)]
+    assert MetricsLogger(tmp_path / "rank1", enabled=False).records_through(3) == []
+
+
 # ------------------------------------------------------------------------------ skip at ZeRO-0 (one rank)
 
 
@@ -391,7 +416,7 @@ def test_skipped_step_at_zero0_leaves_weights_moments_and_lr_schedule_where_they
     import deepspeed
     import torch
 
-    from neuroprune_ds.checkpoint import FiniteGuard
+    from neuroprune_ds.finite_guard import FiniteGuard
     from tiny_models import batch, equivalence_model, init_single_rank
 
     init_single_rank()

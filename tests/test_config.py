@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from neuroprune_ds.config import ModelConfig, RunConfig
-from neuroprune_ds.config_loader import (DEEPSPEED_TOP_LEVEL_KEYS, RULES, ConfigError, check_deepspeed_config,
-                                         config_from_dict, config_to_dict, load_config, load_deepspeed_config,
-                                         save_config, validate)
+from neuroprune_ds.config_loader import (RULES, ConfigError, config_from_dict, config_to_dict, load_config, save_config,
+                                         validate)
+from neuroprune_ds.deepspeed_config import DEEPSPEED_TOP_LEVEL_KEYS, check_deepspeed_config, load_deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 VALID = {"model": {"name_or_path": "tiny-llama"}, "data": {"train": "train.txt"}}
@@ -347,6 +347,7 @@ def test_deepspeed_keys_come_from_deepspeed():
     ({"zero_optimization": {"stage": "3"}}, "zero_optimization.stage: '3' is not allowed"),
     ({"zero_optimization": {"stage": True}}, "zero_optimization.stage: True is not allowed"),
     ({"zero_optimization": True}, "zero_optimization: True is not a JSON object"),
+    ({"checkpoint": True}, 'deepspeed.checkpoint: True is not a JSON object like {"load_universal": true}'),
     ({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_sise": 1}},
      "zero_optimization: unknown key 'stage3_prefetch_bucket_sise' — did you mean 'stage3_prefetch_bucket_size'?"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memroy": True}}},
@@ -366,6 +367,23 @@ def test_train_batch_size_against_a_known_world_size(run):
     assert check_deepspeed_config({"train_batch_size": 16}, run, world_size=2) == []
     (error,) = check_deepspeed_config({"train_batch_size": 16}, run, world_size=4)
     assert "micro_batch_size * gradient_accumulation_steps * world size = 4 * 2 * 4 = 32" in error
+
+
+def test_optimizer_choice_is_checked_against_offload_always_and_against_the_accelerator_when_known(run):
+    run.schedule.optimizer = "cpu_adam"
+    (error,) = check_deepspeed_config({"zero_optimization": {"stage": 3}}, run)
+    assert error.startswith("schedule.optimizer: 'cpu_adam' (DeepSpeedCPUAdam) steps optimizer states held in CPU")
+    offloaded = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    assert check_deepspeed_config(offloaded, run) == []
+    # A malformed offload section is reported (by DeepSpeed's model of the section), not a crash.
+    errors = check_deepspeed_config({"zero_optimization": {"stage": 3, "offload_optimizer": "cpu"}}, run)
+    assert errors[0].startswith("deepspeed.zero_optimization.offload_optimizer: 'cpu' is not allowed"), errors
+    assert errors[1].startswith("schedule.optimizer: 'cpu_adam'"), errors
+    run.schedule.optimizer = "fused"
+    assert check_deepspeed_config({}, run) == []  # validate need not run where the job will
+    (error,) = check_deepspeed_config({}, run, accelerator="cpu")
+    assert error.startswith("schedule.optimizer: 'fused' (DeepSpeed FusedAdam) is a GPU kernel")
+    assert check_deepspeed_config({}, run, accelerator="cuda") == []
 
 
 def test_bf16_must_be_enabled_for_a_bf16_model():
@@ -451,9 +469,6 @@ def test_meta_model_class_follows_the_task(tmp_path):
 
 
 def test_neuroprune_with_bf16_at_zero_stage_0_is_refused():
-    from neuroprune_ds.config import RunConfig
-    from neuroprune_ds.config_loader import check_deepspeed_config
-
     run = RunConfig()
     run.model.dtype = "bf16"
     errors = check_deepspeed_config({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}, run)

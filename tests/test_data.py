@@ -1,7 +1,7 @@
 """Data loading, task pipelines and the sharded, resumable loader.
 
 The default tests use tiny synthetic files and a word-level tokenizer built in place; the ``real`` tests run
-every pipeline on real text with real tokenizers from :mod:`neuroprune_ds.assets`.
+every pipeline on real text with real tokenizers from tools/assets.py.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def test_eval_batches_cover_each_example_once_in_lockstep():
 
 @pytest.mark.real
 def test_real_causal_lm_on_austen_with_gpt2_tokenizer(tmp_path):
-    from neuroprune_ds import assets
+    import assets
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(assets.gpt2_tokenizer_dir())))
     novel = assets.austen_text().read_text(encoding="utf-8")[:20_000]
@@ -253,7 +253,7 @@ def test_real_causal_lm_on_austen_with_gpt2_tokenizer(tmp_path):
 
 @pytest.mark.real
 def test_real_seq2seq_headlines_with_t5_sentencepiece():
-    from neuroprune_ds import assets
+    import assets
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(assets.t5_tokenizer_dir())))
     run = _run("seq2seq", train=str(assets.headlines_jsonl()), source_prefix="summarize: ", max_length=128,
@@ -268,7 +268,7 @@ def test_real_seq2seq_headlines_with_t5_sentencepiece():
 
 @pytest.mark.real
 def test_real_translation_with_bart_tokenizer():
-    from neuroprune_ds import assets
+    import assets
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(assets.gpt2_tokenizer_dir())))
     run = _run("seq2seq", train=str(assets.translation_jsonl()), max_length=64, max_target_length=64,
@@ -283,7 +283,7 @@ def test_real_translation_with_bart_tokenizer():
 
 @pytest.mark.real
 def test_real_classification_rotten_tomatoes_head_and_text_to_text():
-    from neuroprune_ds import assets
+    import assets
 
     run = _run("classification", train=str(assets.rotten_tomatoes_jsonl()), max_length=64,
                max_train_examples=200, max_eval_examples=50)

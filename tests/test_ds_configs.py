@@ -26,7 +26,7 @@ CPU_ADAM = " + cpu_adam"
 
 def test_shipped_zero_buffers_are_sized_from_the_model_and_offload_pins_memory():
     from neuroprune_ds.config import ModelConfig, RunConfig
-    from neuroprune_ds.train import fill_deepspeed_config
+    from neuroprune_ds.deepspeed_config import fill_deepspeed_config
 
     sized = {"reduce_bucket_size": HIDDEN**2, "stage3_prefetch_bucket_size": int(0.9 * HIDDEN**2),
              "stage3_param_persistence_threshold": 10 * HIDDEN, "stage3_max_live_parameters": 16 * HIDDEN**2,
@@ -99,8 +99,8 @@ def _worker(out: Path) -> None:
     import transformers
 
     from neuroprune_ds.config import ModelConfig, NeuroPruneConfig, RunConfig, ScheduleConfig
-    from neuroprune_ds.config_loader import check_deepspeed_config, load_deepspeed_config
-    from neuroprune_ds.train import fill_deepspeed_config, release_shm_allreduce_buffer
+    from neuroprune_ds.deepspeed_config import check_deepspeed_config, fill_deepspeed_config, load_deepspeed_config
+    from neuroprune_ds.train import release_shm_allreduce_buffer
 
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -135,7 +135,7 @@ def _worker(out: Path) -> None:
         out.write_text(json.dumps(results, indent=1))
     dist.barrier()
     sys.stdout.flush()
-    os._exit(0)  # skips an occasional abort in DeepSpeed/gloo teardown (see notes/deepspeed-cpu.md)
+    os._exit(0)  # skips an occasional abort in DeepSpeed/gloo teardown (see distributed.barrier_and_exit)
 
 
 def _train(ds, run, config, inputs, world_size) -> dict:

@@ -45,8 +45,12 @@ CASES = [
      "schedule.warmup_steps: 5 is more than the run's 1 optimizer steps"),
     ("ds_optimizer", "an `optimizer` section in the DeepSpeed JSON", "both", [], "deepspeed.optimizer: remove it"),
     ("ds_scheduler", "a `scheduler` section in the DeepSpeed JSON", "both", [], "deepspeed.scheduler: remove it"),
+    ("cpu_adam_no_offload", "`schedule.optimizer: cpu_adam` without optimizer offload", "both",
+     ["schedule.optimizer=cpu_adam"], "schedule.optimizer: 'cpu_adam' (DeepSpeedCPUAdam) steps optimizer states"),
     ("zero_unknown_key", "a misspelt key inside `zero_optimization`", "both", [],
      "unknown key 'stage3_param_persistance_threshold'"),
+    ("zero_not_object", "`zero_optimization` that is not a JSON object", "both", [],
+     "deepspeed.zero_optimization: True is not a JSON object"),
     ("output_dir_file", "`output_dir` that is a file", "both", ["output_dir=a_file.txt"], "is a file"),
     ("model_missing", "`model.name_or_path` that does not exist", "both", ["model.name_or_path=./no_model"],
      "model.name_or_path: directory './no_model' does not exist"),
@@ -122,6 +126,7 @@ def _inputs(root: Path) -> list[dict]:
     zero = json.loads((root / "ds3.json").read_text())
     zero["zero_optimization"]["stage3_param_persistance_threshold"] = 0
     (root / "ds_zero_typo.json").write_text(json.dumps(zero))
+    _ds(root, "ds_zero_true.json", 0, zero_optimization=True)
     base = _run_yaml(root, "run.yaml")
     no_train = yaml.safe_load((root / "run.yaml").read_text())
     del no_train["data"]["train"]
@@ -144,6 +149,7 @@ def _inputs(root: Path) -> list[dict]:
                "ds_optimizer": {"deepspeed": "ds_optimizer.json"},
                "ds_scheduler": {"deepspeed": "ds_scheduler.json"},
                "zero_unknown_key": {"deepspeed": "ds_zero_typo.json"},
+               "zero_not_object": {"deepspeed": "ds_zero_true.json"},
                "other_stage": {"deepspeed": "ds0.json"}}
     for name, _, commands, overrides, _ in CASES:
         plan.append(entry(name, ["validate", "train"] if commands == "both" else ["train"], overrides=overrides,

@@ -9,6 +9,7 @@ Logits must match the masked model's to 1e-4 and parameter counts the hand-compu
 """
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -23,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from export_helpers import AUTO_CLASS, expected_parameters, export_inputs, reload_in_fresh_process
 from neuroprune_ds import cli
-from neuroprune_ds.arch import AttentionBlock, FFNBlock, Linear, resolve_architecture
+from neuroprune_ds.arch import ARCHITECTURES, AttentionBlock, FFNBlock, Linear, resolve_architecture
 from neuroprune_ds.config import NeuroPruneConfig
 from neuroprune_ds.export import convert as convert_module
 from neuroprune_ds.export.checkpoint import release_file_pages
@@ -298,11 +299,42 @@ def test_apply_masks_zeroes_pruned_units_and_thresholds_penalised_weights():
     assert not params[block.q.weight][8:16].any() and not params[block.q.bias][8:16].any()
     assert not params[block.o.weight][:, 8:16].any()
     assert torch.equal(params[block.o.weight][:, :8], before[block.o.weight][:, :8])
+    masked_o = params[block.o.weight].clone()
     apply_masks_(params, arch, {}, threshold=0.01)
     fc1 = params[arch.ffn[0].inputs[0].weight]
     assert fc1.count_nonzero() == (before[arch.ffn[0].inputs[0].weight].abs() >= 0.01).sum() > 0
+    assert params[block.q.weight].count_nonzero() == (before[block.q.weight][:8].abs() >= 0.01).sum() + (
+        before[block.q.weight][16:].abs() >= 0.01).sum()
     embed = "model.decoder.embed_tokens.weight"
     assert torch.equal(params[embed], before[embed])  # not a penalised matrix
+    # nor is the attention output projection: it keeps its small weights (only pruned units' columns are 0)
+    assert bool(((masked_o.abs() < 0.01) & (masked_o != 0)).any())
+    assert torch.equal(params[block.o.weight], masked_o)
+
+
+def test_export_threshold_leaves_the_output_projection_and_counts_the_penalised_set(tmp_path):
+    """``--threshold`` zeroes small weights of Q, K, V and the FFN matrices only, and neuroprune.json's
+    weight sparsity is the share of |w| < epsilon over exactly those matrices (docs/algorithm.md section 7)."""
+    model, alive, _ = build_case("opt")
+    arch = resolve_architecture(model)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    report = export_model(model, alive, str(tmp_path / "out"), "dense", task="causal_lm",
+                          neuroprune=NeuroPruneConfig(epsilon=0.01), threshold=0.01)
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    penalised, small, total = [], 0, 0
+    for block in arch.attention:
+        o = written[block.o.weight]
+        assert bool(((o.abs() < 0.01) & (o != 0)).any()), block.o.weight  # small O weights kept
+        q_keep = block.layout.q_keep(alive[block.name])
+        assert torch.equal(o, before[block.o.weight] * q_keep)
+        penalised += [block.q.weight, block.k.weight, block.v.weight]
+    for block in arch.ffn:
+        penalised += [linear.weight for linear in (*block.inputs, block.output)]
+    for name in penalised:
+        assert not bool(((written[name].abs() < 0.01) & (written[name] != 0)).any()), name
+        small += int((written[name].abs() < 0.01).sum())
+        total += written[name].numel()
+    assert report.weight_sparsity == pytest.approx(small / total, abs=1e-12)
 
 
 def test_streamed_safetensors_round_trip(tmp_path):
@@ -369,9 +401,8 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_compact_needs_a_family_with_compact_classes(tmp_path, monkeypatch):
-    from neuroprune_ds.export import compact_models
-
-    monkeypatch.delitem(compact_models.COMPACT_FAMILIES, "qwen2")  # as for an architecture a user registers
+    # as for an architecture a user registers without compact classes
+    monkeypatch.setitem(ARCHITECTURES, "qwen2", dataclasses.replace(ARCHITECTURES["qwen2"], compact=None))
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=64))

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from neuroprune_ds import assets
+import assets
 
 pytestmark = pytest.mark.real
 REPO = Path(__file__).resolve().parents[1]

@@ -53,7 +53,7 @@ def export(tmp_path_factory):
     model = pruned_llama()
     model.save_pretrained(export_dir)
     params = dict(model.named_parameters())
-    penalised = [f"{b}.{p}.weight" for b in HEAD_NAMES for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    penalised = [f"{b}.{p}.weight" for b in HEAD_NAMES for p in ("q_proj", "k_proj", "v_proj")]
     penalised += [f"{b}.{p}.weight" for b in FFN_NAMES for p in ("gate_proj", "up_proj", "down_proj")]
     small = sum(int((params[n].abs() < EPSILON).sum()) for n in penalised)
     record = {
@@ -204,6 +204,17 @@ def test_report_of_a_real_compact_export(tmp_path):
     convert.export_model(model, alive, str(tmp_path / "export"), "compact", task="causal_lm",
                          neuroprune=NeuroPruneConfig(epsilon=EPSILON))
     record = json.loads((tmp_path / "export" / "neuroprune.json").read_text())
+    # The sparsity is over the penalised matrices, Q, K, V and the FFN's (the output projections are not):
+    # KV group 0 of layer 0 is pruned (q rows 0-15, k and v rows 0-7), FFN units 0-9 of layer 0 are removed.
+    params = {n: p.detach().clone() for n, p in pruned_llama().named_parameters()}
+    for proj, rows in (("q_proj", 16), ("k_proj", 8), ("v_proj", 8)):
+        params[f"{HEAD_NAMES[0]}.{proj}.weight"][:rows] = 0.0
+    penalised = [f"{b}.{p}.weight" for b in HEAD_NAMES for p in ("q_proj", "k_proj", "v_proj")]
+    penalised += [f"{b}.{p}.weight" for b in FFN_NAMES for p in ("gate_proj", "up_proj", "down_proj")]
+    total = sum(params[n].numel() for n in penalised)
+    assert total == 2 * (32 * 32 + 2 * 16 * 32 + 3 * 48 * 32)
+    assert record["weight_sparsity"] == sum(int((params[n].abs() < EPSILON).sum()) for n in penalised) / total
+    assert record["structural_sparsity"] == (16 * 32 + 2 * 8 * 32 + 10 * 3 * 32) / total
     markdown = make_report(tmp_path / "export").read_text()
     totals = overview(markdown)
     assert float(totals["weight sparsity"]) == pytest.approx(record["weight_sparsity"], abs=5e-7)

@@ -13,9 +13,9 @@ import torch
 from neuroprune_ds import config as config_module
 from neuroprune_ds.config import ModelConfig, RunConfig, ScheduleConfig
 from neuroprune_ds.config_loader import ConfigError
+from neuroprune_ds.deepspeed_config import fill_deepspeed_config, model_hidden_size, optimizer_errors
 from neuroprune_ds.logging_utils import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, heads_kept_figure
-from neuroprune_ds.train import (build_optimizer, config_reference, fill_deepspeed_config, model_hidden_size,
-                                 optimizer_errors, parse_args, prepare_deepspeed_config)
+from neuroprune_ds.train import build_optimizer, config_reference, parse_args, prepare_deepspeed_config, run_errors
 
 
 def _leaf_paths(cls, prefix=""):
@@ -90,6 +90,18 @@ def test_fill_deepspeed_config_sizes_auto_zero_buffers_from_the_hidden_size():
     assert str(error.value.errors[0]).startswith('deepspeed.zero_optimization.reduce_bucket_size: "auto" needs')
 
 
+def test_validate_refuses_auto_zero_buffers_of_a_model_without_hidden_size_as_train_does(tmp_path):
+    ds = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}
+    run = _run()
+    run.output_dir = str(tmp_path / "out")
+    (error,) = run_errors(run, ds, SimpleNamespace, 1)  # what validate checks against the model
+    with pytest.raises(ConfigError) as refused:
+        fill_deepspeed_config(ds, run, 1)  # where train's set-up refuses it
+    assert refused.value.errors == [error]
+    assert error.startswith('deepspeed.zero_optimization.reduce_bucket_size: "auto" needs the model\'s hidden_size')
+    assert run_errors(run, ds, lambda: SimpleNamespace(hidden_size=8), 1) == []
+
+
 def test_hidden_size_of_configs_with_one_several_or_a_nested_text_config():
     import transformers
 
@@ -108,7 +120,7 @@ def test_hidden_size_of_configs_with_one_several_or_a_nested_text_config():
 ])
 def test_optimizer_choice_is_checked_against_offload_and_accelerator(optimizer, offload, message):
     zero = {"stage": 3} | ({"offload_optimizer": {"device": offload}} if offload else {})
-    errors = optimizer_errors({"zero_optimization": zero}, _run(optimizer=optimizer))
+    errors = optimizer_errors({"zero_optimization": zero}, _run(optimizer=optimizer), "cpu")
     assert errors == ([] if message is None else [errors[0]]) and "\n" not in "".join(errors)
     if message:
         assert errors[0].startswith(message), errors

@@ -1,7 +1,7 @@
 """The training entry point end to end under real launchers, 2 ranks each, with NeuroPrune on.
 
 Each scenario builds a tiny random model of one family with a REAL tokenizer and trains it a few steps on
-REAL text (neuroprune_ds.assets), launched by the ``deepspeed`` launcher (``--module neuroprune_ds.train``) or
+REAL text (tools/assets.py), launched by the ``deepspeed`` launcher (``--module neuroprune_ds.train``) or
 by ``torchrun`` (``-m neuroprune_ds.train``, or the ``neuroprune train`` console script). The test then reads
 back ``metrics.jsonl`` and the TensorBoard event files.
 """
@@ -121,7 +121,7 @@ def _events(directory: Path):
 
 
 def _write_run(scenario: Scenario, tmp_path: Path) -> tuple[Path, Path]:
-    from neuroprune_ds import assets
+    import assets
 
     model_dir = _save_tiny_model(scenario.family, tmp_path / "model")
     data = dict(scenario.data)
@@ -155,7 +155,7 @@ def _write_run(scenario: Scenario, tmp_path: Path) -> tuple[Path, Path]:
 
 def _save_tiny_model(family: str, directory: Path) -> Path:
     """A randomly initialised 2-layer model of ``family`` sized for its real tokenizer."""
-    from neuroprune_ds import assets
+    import assets
 
     if family == "t5":
         tokenizer = transformers.AutoTokenizer.from_pretrained(assets.t5_tokenizer_dir())

@@ -110,7 +110,7 @@ def save_model(size: str, directory: Path, shard_mb: int) -> None:
     import torch
     import transformers
 
-    from neuroprune_ds import assets
+    import assets  # tools/ is on sys.path when run as a script
 
     hidden, layers, heads, intermediate = SHAPES[size]
     tokenizer = transformers.AutoTokenizer.from_pretrained(assets.gpt2_tokenizer_dir())
@@ -147,7 +147,7 @@ def _count_params(directory: Path) -> int:
 def write_run(work: Path, model_dir: Path, name: str, steps: int, deepspeed: Path) -> Path:
     import yaml
 
-    from neuroprune_ds import assets
+    import assets  # tools/ is on sys.path when run as a script
 
     text = work / "austen.txt"
     if not text.exists():

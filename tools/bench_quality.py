@@ -28,6 +28,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import socket
 import sys
@@ -42,7 +43,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from neuroprune_ds import assets  # noqa: E402
+import assets  # noqa: E402 (tools/ is on sys.path when run as a script)
 
 METHODS = ("neuroprune", "l1", "dense")
 
@@ -122,7 +123,7 @@ def zeroed(model, names: list[str], threshold: float | None = None, fraction: fl
     params = dict(model.named_parameters())
     if fraction is not None:
         magnitudes = torch.cat([params[n].detach().abs().flatten() for n in names])
-        threshold = float(torch.kthvalue(magnitudes, max(1, int(fraction * magnitudes.numel()))).values)
+        threshold = float(torch.kthvalue(magnitudes, max(1, math.ceil(fraction * magnitudes.numel()))).values)
         del magnitudes
         below = lambda w: w.abs() <= threshold  # noqa: E731
     else:

@@ -30,8 +30,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import assets  # noqa: E402 (tools/ is on sys.path when run as a script)
 from bench_quality import split_text  # noqa: E402 (tools/ is on sys.path when run as a script)
-from neuroprune_ds import assets  # noqa: E402
 
 RUNS = ("dense", "gradient", "decoupled", "decoupled_recover")
 BLOCK = 128

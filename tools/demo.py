@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from neuroprune_ds import assets  # noqa: E402
+import assets  # noqa: E402 (tools/ is on sys.path when run as a script)
 
 
 def prepare(out: Path, args) -> Path:

@@ -1,4 +1,4 @@
-"""Fetch, verify and cache the real weights, tokenizers and data (see neuroprune_ds/assets.py).
+"""Fetch, verify and cache the real weights, tokenizers and data (see tools/assets.py).
 
     python tools/fetch_assets.py --all            # fetch everything (cached after the first time)
     python tools/fetch_assets.py smollm2 botchan  # fetch some
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from neuroprune_ds import assets
+import assets  # tools/ is on sys.path when run as a script
 
 
 def disk_size(path: Path) -> int:

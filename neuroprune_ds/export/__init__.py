@@ -9,3 +9,6 @@
 - :mod:`neuroprune_ds.export.compact_models`: self-contained compact model classes per family (importing
   this package registers them with transformers' Auto factories).
 """
+
+NEUROPRUNE_JSON = "neuroprune.json"
+"""The record every export carries beside its weights: kept heads and units, sparsity, source, verification."""

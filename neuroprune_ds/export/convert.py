@@ -40,13 +40,15 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
 
-from neuroprune_ds.arch import ResolvedArchitecture, resolve_architecture
-from neuroprune_ds.data import uses_text_to_text
+from neuroprune_ds.arch import (ARCHITECTURES, AUTO_MODEL_CLASSES, CompactFamily, ResolvedArchitecture,
+                                architecture_spec, auto_model_class, model_task, penalised_weights,
+                                resolve_architecture)
 from neuroprune_ds.config import NeuroPruneConfig
+from neuroprune_ds.export import NEUROPRUNE_JSON
 from neuroprune_ds.export.checkpoint import CheckpointInfo, CheckpointWeights, read_checkpoint
-from neuroprune_ds.export.compact_models import AUTO_CLASSES, COMPACT_FAMILIES, CompactFamily
+from neuroprune_ds.export.compact_models import load_module, module_source
 from neuroprune_ds.export.plan import (ExportPlan, SparsityCount, compact_shape, compact_tensor, make_plan,
-                                       mask_rules, mask_tensor_, penalised_weights)
+                                       mask_rules, mask_tensor_)
 from neuroprune_ds.export.safetensors_stream import (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, TensorSpec,
                                                      write_safetensors)
 from neuroprune_ds.export.stream import Fetch, streamed_logits, tied_names
@@ -57,7 +59,6 @@ VERIFY_ATOL = 1e-4
 """Max |logits diff| between two fp32 computations of the same function in other summation orders."""
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
-NEUROPRUNE_JSON = "neuroprune.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +84,6 @@ class ExportReport:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
-
-
-def export_task(task: str, model_type: str) -> str:
-    """The Auto factory's task: T5-style models classify text-to-text, as their seq2seq model."""
-    return "seq2seq" if uses_text_to_text(task, model_type) else task
 
 
 def check_out_dir(out_dir: str, overwrite: bool, source: str | None = None) -> None:
@@ -118,7 +114,7 @@ def check_threshold(threshold: float | None) -> None:
 def empty_model(config: PreTrainedConfig, task: str) -> torch.nn.Module:
     """The stock model for ``task``: parameters on the meta device (no memory), buffers real."""
     with init_empty_weights():
-        model = AUTO_CLASSES[export_task(task, config.model_type)].from_config(config)
+        model = auto_model_class(task, config.model_type).from_config(config)
     model.tie_weights()  # as from_pretrained does: tied names share one parameter
     return model.eval()
 
@@ -126,7 +122,7 @@ def empty_model(config: PreTrainedConfig, task: str) -> torch.nn.Module:
 def checkpoint_skeleton(info: CheckpointInfo) -> torch.nn.Module:
     """The checkpoint's stock model as an empty skeleton (its weights are read later, one at a time)."""
     config = AutoConfig.from_pretrained(info.ckpt_dir)
-    if export_task(info.task, config.model_type) == "classification" and info.num_labels:
+    if model_task(info.task, config.model_type) == "classification" and info.num_labels:
         config.num_labels = info.num_labels
     return empty_model(config, info.task)
 
@@ -235,7 +231,7 @@ def export_model(model: torch.nn.Module, alive: dict[str, torch.Tensor], out_dir
         raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
     check_out_dir(out_dir, overwrite)
     check_threshold(threshold)
-    task = export_task(task, model.config.model_type)
+    task = model_task(task, model.config.model_type)
     model_type = model.config.model_type
     arch = resolve_architecture(model)
     state = model.state_dict()
@@ -350,9 +346,10 @@ def convert(ckpt_dir: str, out_dir: str, fmt: str, *, tag: str | None = None, ov
 # -- compact config -------------------------------------------------------------------------------------
 def _compact_family(model: torch.nn.Module, task: str, plan: ExportPlan) -> CompactFamily:
     model_type = model.config.model_type
-    family = COMPACT_FAMILIES.get(model_type)
+    family = architecture_spec(model_type).compact
     if family is None:
-        raise ValueError(f"--format compact supports {', '.join(sorted(COMPACT_FAMILIES))}; {model_type!r} has no "
+        supported = sorted(name for name, spec in ARCHITECTURES.items() if spec.compact)
+        raise ValueError(f"--format compact supports {', '.join(supported)}; {model_type!r} has no "
                          "compact model classes (use --format dense)")
     if task not in family.model_classes:
         raise ValueError(f"--format compact for {model_type} supports tasks {sorted(family.model_classes)}, not "
@@ -438,7 +435,7 @@ def _write_compact_config(model: torch.nn.Module, family: CompactFamily, task: s
         else:
             _save_config(model, config, out_dir, dtype)
             return "stock"
-    module = family.load()
+    module = load_module(family)
     settings = {k: v for k, v in model.config.to_dict().items()
                 if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
     config = getattr(module, family.config_class)(**settings, **fields)
@@ -447,10 +444,10 @@ def _write_compact_config(model: torch.nn.Module, family: CompactFamily, task: s
     config.architectures = [class_name]
     config.dtype = dtype
     config.auto_map = {"AutoConfig": f"{stem}.{family.config_class}",
-                       AUTO_CLASSES[task].__name__: f"{stem}.{class_name}"}
+                       AUTO_MODEL_CLASSES[task].__name__: f"{stem}.{class_name}"}
     config.save_pretrained(out_dir)
     _save_generation_config(model, out_dir)
-    shutil.copyfile(family.source, os.path.join(out_dir, family.file_name))
+    shutil.copyfile(module_source(family), os.path.join(out_dir, family.file_name))
     return family.model_type
 
 

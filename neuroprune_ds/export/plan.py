@@ -13,25 +13,19 @@ from dataclasses import dataclass
 import torch
 from transformers.activations import ACT2FN
 
-from neuroprune_ds.arch import AttentionBlock, FFNBlock, ResolvedArchitecture
-from neuroprune_ds.heads import UnitLayout
-
-ROWS, COLS = 0, 1
+from neuroprune_ds.arch import AttentionBlock, FFNBlock, ResolvedArchitecture, penalised_weights
+from neuroprune_ds.flat_slice import COL, ROW
 
 
-def _layout(block: AttentionBlock) -> UnitLayout:
-    return UnitLayout(block.num_units, block.heads_per_unit, block.head_dim)
+def _dim(axis: str) -> int:
+    """The tensor dimension of an axis: a row axis indexes dim 0 (also of a bias), a column axis dim 1."""
+    return 0 if axis == ROW else 1
 
 
-def penalised_weights(arch: ResolvedArchitecture) -> list[str]:
-    """Names of the matrices NeuroPrune penalises: Q, K, V, O of every attention block, FFN inputs and output."""
-    names = [lin.weight for b in arch.attention for lin in (b.q, b.k, b.v, b.o)]
-    return names + [lin.weight for b in arch.ffn for lin in (*b.inputs, b.output)]
-
-
-def mask_rules(arch: ResolvedArchitecture, alive: Mapping[str, torch.Tensor]) -> dict[str, list[tuple[int, torch.Tensor]]]:
-    """parameter name -> (axis, 0/1 keep vector along it) that zero the pruned units: their q/k/v rows and
-    biases and o columns.
+def mask_rules(arch: ResolvedArchitecture,
+               alive: Mapping[str, torch.Tensor]) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """parameter name -> (axis ROW or COL, 0/1 keep vector along it) that zero the pruned units: their q/k/v
+    rows and biases and o columns.
 
     Args:
         alive: bool (num_units,) per attention block name; blocks not listed keep every unit.
@@ -40,22 +34,22 @@ def mask_rules(arch: ResolvedArchitecture, alive: Mapping[str, torch.Tensor]) ->
     for block in arch.attention:
         if block.name not in alive or bool(alive[block.name].all()):
             continue
-        layout = _layout(block)
+        layout = block.layout
         q_keep, kv_keep = layout.q_keep(alive[block.name]), layout.kv_keep(alive[block.name])
         for linear, keep in ((block.q, q_keep), (block.k, kv_keep), (block.v, kv_keep)):
-            rules.setdefault(linear.weight, []).append((ROWS, keep))
+            rules.setdefault(linear.weight, []).append((ROW, keep))
             if linear.bias:
-                rules.setdefault(linear.bias, []).append((ROWS, keep))
-        rules.setdefault(block.o.weight, []).append((COLS, q_keep))
+                rules.setdefault(linear.bias, []).append((ROW, keep))
+        rules.setdefault(block.o.weight, []).append((COL, q_keep))
     return rules
 
 
 @torch.no_grad()
-def mask_tensor_(tensor: torch.Tensor, rules: list[tuple[int, torch.Tensor]], threshold: float | None) -> None:
+def mask_tensor_(tensor: torch.Tensor, rules: list[tuple[str, torch.Tensor]], threshold: float | None) -> None:
     """Apply one parameter's ``rules`` (see :func:`mask_rules`) in place, then, when ``threshold`` is set (for
     a penalised matrix), zero every weight with |w| < threshold."""
     for axis, keep in rules:
-        tensor.mul_(keep.unsqueeze(1) if axis == ROWS and tensor.dim() == 2 else keep)
+        tensor.mul_(keep.unsqueeze(1) if axis == ROW and tensor.dim() == 2 else keep)
     if threshold is not None:
         tensor.masked_fill_(tensor.abs() < threshold, 0.0)
 
@@ -195,24 +189,25 @@ class ExportPlan:
     ffn: list[FFNKeep]
     relative_bias: dict[str, RelativeBiasKeep]
 
-    def selections(self) -> dict[str, tuple[int, torch.Tensor]]:
-        """parameter name -> (axis, kept indices along it) for every parameter the compact export slices."""
+    def selections(self) -> dict[str, tuple[str, torch.Tensor]]:
+        """parameter name -> (axis ROW or COL, kept indices along it) for every parameter the compact export
+        slices."""
         out = {}
         for keep in self.attention:
             block = keep.block
             for linear, rows in ((block.q, keep.q_rows), (block.k, keep.kv_rows), (block.v, keep.kv_rows)):
-                out[linear.weight] = (ROWS, rows)
+                out[linear.weight] = (ROW, rows)
                 if linear.bias:
-                    out[linear.bias] = (ROWS, rows)
-            out[block.o.weight] = (COLS, keep.q_rows)
+                    out[linear.bias] = (ROW, rows)
+            out[block.o.weight] = (COL, keep.q_rows)
         for keep in self.ffn:
             for linear in keep.block.inputs:
-                out[linear.weight] = (ROWS, keep.units)
+                out[linear.weight] = (ROW, keep.units)
                 if linear.bias:
-                    out[linear.bias] = (ROWS, keep.units)
-            out[keep.block.output.weight] = (COLS, keep.units)
+                    out[linear.bias] = (ROW, keep.units)
+            out[keep.block.output.weight] = (COL, keep.units)
         for bias in self.relative_bias.values():
-            out[bias.table] = (COLS, bias.columns)
+            out[bias.table] = (COL, bias.columns)
         return out
 
     def bias_deltas(self) -> dict[str, torch.Tensor]:
@@ -227,29 +222,30 @@ def make_plan(arch: ResolvedArchitecture, params: Mapping[str, torch.Tensor],
     return ExportPlan(attention, [ffn_keep(b, params) for b in arch.ffn], relative_bias_keep(attention))
 
 
-def compact_tensor(name: str, tensor: torch.Tensor, selections: Mapping[str, tuple[int, torch.Tensor]],
+def compact_tensor(name: str, tensor: torch.Tensor, selections: Mapping[str, tuple[str, torch.Tensor]],
                    bias_deltas: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``tensor`` (parameter ``name``) as the compact export stores it; the tensor itself when unchanged."""
     if name in selections:
         axis, index = selections[name]
-        tensor = tensor.index_select(axis, index)
+        tensor = tensor.index_select(_dim(axis), index)
     if name in bias_deltas:
         tensor = (tensor.double() + bias_deltas[name]).to(tensor.dtype)
     return tensor
 
 
-def compact_shape(name: str, shape: torch.Size, selections: Mapping[str, tuple[int, torch.Tensor]]) -> torch.Size:
+def compact_shape(name: str, shape: torch.Size, selections: Mapping[str, tuple[str, torch.Tensor]]) -> torch.Size:
     """The shape :func:`compact_tensor` gives parameter ``name`` of ``shape``."""
     if name not in selections:
         return torch.Size(shape)
     axis, index = selections[name]
-    return torch.Size(len(index) if i == axis else n for i, n in enumerate(shape))
+    return torch.Size(len(index) if i == _dim(axis) else n for i, n in enumerate(shape))
 
 
 @dataclass(slots=True)
 class SparsityCount:
     """Weight sparsity (|w| < epsilon) and structural sparsity (what the compact export removes) of the
-    penalised matrices of an architecture (docs/algorithm.md section 7), counted one tensor at a time."""
+    penalised matrices of an architecture (:func:`neuroprune_ds.arch.penalised_weights`; docs/algorithm.md
+    section 7), counted one tensor at a time."""
 
     epsilon: float
     total: int = 0

@@ -9,6 +9,10 @@ one.
 
 Optional packages, imported only by the asset that needs them: ``rdata`` (:func:`austen_text`) and
 ``pysword`` (:func:`translation_jsonl`).
+
+It serves the demo, the benchmarks and the tests, not the library, so it lives beside them in ``tools/``
+(outside the installed package): tools import it as ``import assets`` (their own directory is on
+``sys.path`` when they run as scripts), tests too (tests/conftest.py puts ``tools/`` on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -411,7 +415,7 @@ def _download(source: Source, staged: Path) -> None:
         found = ", ".join(p.name for p in scratch.iterdir()) or "nothing"
         raise RuntimeError(
             f"`{' '.join(cmd)}` produced {found}, not {source.filename}; only that file's checksum is "
-            f"pinned in neuroprune_ds.assets.SOURCES (add a pin for your platform there)"
+            f"pinned in tools/assets.py SOURCES (add a pin for your platform there)"
         )
     _check_sha256(source, staged)
 
