@@ -9,8 +9,9 @@ sections 1 and 2). Its role says what its groups are; the pruner asks roles, nev
 - ``FFN_OUTPUT_ROWS``: group i is row i of the output projection (``mlp_groups: output_rows``);
 - ``ATTENTION_INPUT``: group i is input dimension i of an attention block, column i of Q, K and V together.
 
-"Penalised" means Q, K, V and the FFN matrices: every one of them is in exactly one penalised set, and the
-weight sparsity and ``target_sparsity`` are measured over exactly those weights. The attention output
+"Penalised" means Q, K, V and the FFN matrices (:func:`neuroprune_ds.arch.penalised_weights`, which the
+export and the report use): every one of them is in exactly one penalised set, and the weight sparsity and
+``target_sparsity`` are measured over exactly those weights. The attention output
 projection is not penalised (the paper's choice) and is in no set. With ``output_rows`` the output
 projection's columns also form an ``FFN_OUTPUT`` set that is not penalised: it counts the units' out
 connections (FFN units alive, unit pruning) while the rows set penalises and counts its weights.

@@ -17,15 +17,11 @@ import torch
 from neuroprune_ds.arch import AttentionBlock, FFNBlock, ResolvedArchitecture
 from neuroprune_ds.config import NeuroPruneConfig
 from neuroprune_ds.flat_slice import COL, ROW, FlatSlice
-from neuroprune_ds.heads import UnitLayout, decide_redundant_units, fold_output_projection
+from neuroprune_ds.heads import decide_redundant_units, fold_output_projection
 from neuroprune_ds.zero_access import ZeroAccess
 
 MaskEntry = tuple[str, str, torch.Tensor]
 """(parameter name, axis, 0/1 keep vector along that axis)."""
-
-
-def _layout(block: AttentionBlock) -> UnitLayout:
-    return UnitLayout(block.num_units, block.heads_per_unit, block.head_dim)
 
 
 class Structure:
@@ -80,7 +76,7 @@ class Structure:
 
     def mask_entries(self, block: AttentionBlock) -> Iterator[MaskEntry]:
         """What a head mask zeroes: the Q, K, V rows (and biases) and output-projection columns of pruned units."""
-        layout, alive = _layout(block), self.alive[block.name]
+        layout, alive = block.layout, self.alive[block.name]
         q_keep, kv_keep = layout.q_keep(alive), layout.kv_keep(alive)
         for linear, keep in ((block.q, q_keep), (block.k, kv_keep), (block.v, kv_keep)):
             yield linear.weight, ROW, keep
@@ -129,7 +125,7 @@ class Structure:
     def _decide(self, block: AttentionBlock) -> dict[int, int]:
         """Rank 0's decision for ``block``, on every rank: live unit pruned now -> the unit that absorbs it."""
         q, k, v = (self.access.full_fp32(self.params[lin.weight]) for lin in (block.q, block.k, block.v))
-        decision = decide_redundant_units(q, k, v, _layout(block), self.alive[block.name], self.config.theta,
+        decision = decide_redundant_units(q, k, v, block.layout, self.alive[block.name], self.config.theta,
                                           relative=self.config.theta_mode == "relative")
         self.closest_pairs[block.name] = (decision.closest_distance, decision.theta)
         del q, k, v
@@ -142,7 +138,7 @@ class Structure:
 
     def _fold(self, block: AttentionBlock, replaced_by: dict[int, int]) -> None:
         param = self.params[block.o.weight]
-        folded = fold_output_projection(self.access.full_fp32(param), replaced_by, _layout(block)).view(-1)
+        folded = fold_output_projection(self.access.full_fp32(param), replaced_by, block.layout).view(-1)
 
         def write(tensor: torch.Tensor, piece: FlatSlice) -> None:
             tensor.copy_(folded[piece.offset:piece.offset + piece.numel])

@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from neuroprune_ds.arch import penalised_weights
 from neuroprune_ds.config import NeuroPruneConfig
 from neuroprune_ds.pruner import NeuroPruner
 from tiny_models import batch, equivalence_model, init_single_rank, tiny_model
@@ -34,6 +35,7 @@ def test_the_penalised_weights_are_q_k_v_and_the_ffn_matrices(family):
     engine = _one_rank_engine(model)
     pruner = NeuroPruner(engine, NeuroPruneConfig())
     assert set(pruner.penalised_names) == expected and len(pruner.penalised_names) == len(expected)
+    assert set(penalised_weights(pruner.arch)) == expected  # the export and the report use the same definition
     counted = sum(engine.module.get_parameter(name).numel() for name in expected)
     assert sum(weights for _, weights in pruner.stats.block_sparsity(pruner.statistics()).values()) == counted
     engine.destroy()

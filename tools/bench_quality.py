@@ -163,14 +163,13 @@ def connectivity_spread(model, arch, epsilon: float) -> dict[str, float]:
 def head_report(model, arch, alive: dict | None) -> list[dict]:
     """Per attention block: heads kept and the smallest l_inf distance between two live units."""
     from neuroprune_ds.heads import linf_distances, unit_parameters
-    from neuroprune_ds.structure import _layout
 
     params = dict(model.named_parameters())
     rows = []
     for block in arch.attention:
         keep = alive[block.name] if alive else torch.ones(block.num_units, dtype=torch.bool)
         units = unit_parameters(*(params[lin.weight].detach().float() for lin in (block.q, block.k, block.v)),
-                                _layout(block))[keep]
+                                block.layout)[keep]
         d = linf_distances(units)
         d.fill_diagonal_(float("inf"))
         rows.append({"block": block.name, "heads_kept": int(keep.sum()) * block.heads_per_unit,
