@@ -75,7 +75,7 @@ def lowest_removed(norms: torch.Tensor, k: int) -> torch.Tensor:
     """bool keep mask over ``norms`` with the k smallest removed (ties broken by index, deterministic)."""
     if not 0 <= k < norms.numel():
         raise ValueError(f"structured pruning: cannot remove {k} of {norms.numel()} units (0 <= k < units)")
-    keep = torch.ones(norms.numel(), dtype=torch.bool)
+    keep = torch.ones(norms.numel(), dtype=torch.bool, device=norms.device)
     keep[torch.sort(norms, stable=True).indices[:k]] = False
     return keep
 

@@ -194,11 +194,6 @@ def zeroed(model, names: list[str], threshold: float):
                 params[n][mask] = values
 
 
-def weight_sparsity(model, names: list[str], epsilon: float) -> float:
-    params = dict(model.named_parameters())
-    return sum(int((params[n].abs() < epsilon).sum()) for n in names) / sum(params[n].numel() for n in names)
-
-
 def connectivity_spread(model, arch, epsilon: float) -> dict[str, float]:
     """Fractional connectivity c of each FFN unit (share of its input weights with |w| >= epsilon): mean,
     std-dev over all units of all layers, and the share of units with c < 0.1."""
@@ -220,9 +215,11 @@ def head_report(model, arch, alive: dict | None) -> list[dict]:
     params = dict(model.named_parameters())
     rows = []
     for block in arch.attention:
-        keep = alive[block.name] if alive else torch.ones(block.num_units, dtype=torch.bool)
         units = unit_parameters(*(params[lin.weight].detach().float() for lin in (block.q, block.k, block.v)),
-                                _layout(block))[keep]
+                                _layout(block))
+        keep = (alive[block.name].to(units.device) if alive
+                else torch.ones(block.num_units, dtype=torch.bool, device=units.device))
+        units = units[keep]
         d = linf_distances(units)
         d.fill_diagonal_(float("inf"))
         rows.append({"block": block.name, "heads_kept": int(keep.sum()) * block.heads_per_unit,
