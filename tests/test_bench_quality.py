@@ -180,9 +180,10 @@ def test_gpu_script_tiny_mode_runs_every_method_and_matches_the_structure(tmp_pa
     import json
     import os
     import subprocess
+    import sys
 
     root = Path(__file__).parent.parent
-    env = dict(os.environ, GPU_BENCH_OUT=str(tmp_path), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, GPU_BENCH_OUT=str(tmp_path), PYTHON=sys.executable, HF_HUB_OFFLINE="1")
     done = subprocess.run([str(root / "tools" / "gpu_bench_quality.sh"), "--cpu"], env=env, cwd=root,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

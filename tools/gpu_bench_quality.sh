@@ -33,6 +33,7 @@ elif [[ $# -gt 0 ]]; then
     exit 2
 fi
 OUT=${GPU_BENCH_OUT:-runs/gpu_bench_quality}
+PYTHON=${PYTHON:-python}
 if [[ $MODE == gpu ]]; then
     LEVELS=(0.25 0.5 0.7)
     COMMON=(--part lm --out "$OUT" --steps 2000 --lr 2e-4 --micro-batch 8 --max-length 128 --eval-examples 256
@@ -67,7 +68,7 @@ run_jobs() {  # run_jobs TIMEOUT JOB...: all at once, each under TIMEOUT seconds
     for job in "$@"; do
         name=$(echo "$job" | tr -c 'a-z0-9.\n' '_')
         # shellcheck disable=SC2086  # a job is a list of options
-        timeout "$limit" python tools/bench_quality.py "${COMMON[@]}" $job >"$OUT/logs/$name.log" 2>&1 &
+        timeout "$limit" "$PYTHON" tools/bench_quality.py "${COMMON[@]}" $job >"$OUT/logs/$name.log" 2>&1 &
         pids+=($!) names+=("$name")
     done
     for pid in "${pids[@]}"; do
@@ -90,6 +91,6 @@ for level in "${LEVELS[@]}"; do
 done
 run_jobs "$DERIVE_TIMEOUT" "${DERIVED[@]}"
 derive_failed=$?
-python tools/bench_quality.py "${COMMON[@]}" --levels "${LEVELS[@]}" --report-only
+"$PYTHON" tools/bench_quality.py "${COMMON[@]}" --levels "${LEVELS[@]}" --report-only
 echo "total: $(( $(date +%s) - started )) s; results: $OUT/results.md" >&2
 exit $(( train_failed + derive_failed > 0 ))
