@@ -1,25 +1,37 @@
-"""Quality benchmark: NeuroPrune vs plain L1 vs magnitude pruning at equal weight sparsity, on real models.
+"""Quality benchmark at matched structure: NeuroPrune vs plain L1 vs magnitude baselines, on real models.
 
-    python tools/bench_quality.py                      # both parts, defaults below (~85 minutes on 2 cores)
-    python tools/bench_quality.py --part lm --steps 100 --lr 3e-3 --levels 0.25 0.5 0.7
+    python tools/bench_quality.py --part cls --steps 300 --lr 3e-4 --levels 0.25 0.5 0.7
+    python tools/bench_quality.py --part lm --steps 40 --lr 3e-4 --levels 0.25
+    python tools/bench_quality.py --part lm --methods structured magnitude   # the derived rows only
 
-Two parts, each trained in this process on a real DeepSpeed engine (1 rank, ZeRO-0 fp32; the pruner's
-equality across ZeRO stages and ranks is proved by tests/test_zero_equivalence.py):
-- ``lm``: SmolLM2-135M-Instruct fine-tuned on Jane Austen's novels, held-out perplexity on the last 10%;
+Two parts, each trained in this process on a real DeepSpeed engine (1 rank, ZeRO-0 by default; the
+pruner's equality across ZeRO stages and ranks is proved by tests/test_zero_equivalence.py):
+- ``lm``: SmolLM2-135M-Instruct fine-tuned on Jane Austen's novels, held-out perplexity on the last 10%
+  (``--tiny``: a random 2-layer LLaMA on Botchan, to check the logic in seconds);
 - ``cls``: all-MiniLM-L6-v2 (BERT) with a fresh classifier head on Rotten Tomatoes, accuracy on 1000
   held-out reviews.
 
-Per part, with the same data order, learning rate and step budget:
-- for each level, a NeuroPrune run (``penalty: neuroprune``) and a plain L1 run (``penalty: l1``) with
-  ``target_sparsity`` = level, so the controller sets lambda (no sweep); scored at the end of the budget
-  (weights with |w| < epsilon zeroed, as the export does);
-- one dense fine-tuning run (NeuroPrune off), then magnitude pruning of its penalised matrices (one global
-  threshold) to each level, scored the same way.
-It also records the paper's qualitative claims: the spread (std-dev) of FFN units' fractional connectivity
-(inputs with |w| >= epsilon) for every method, and the heads NeuroPrune keeps per layer with the smallest
-l_inf distance between two heads of a layer (theta must exceed it for a head to go).
+Trained methods (same data order, learning rate and step budget; the penalised ones aim at ``target_sparsity``
+= level, the controller setting lambda, with the final quarter of the steps as ``recover_steps`` and FFN units
+below ``--unit-threshold`` connectivity pruned every tenth of the run):
+- ``neuroprune``: ``penalty: neuroprune``, ``update: gradient``, heads pruned by similarity;
+- ``neuroprune_decoupled``: the same with ``update: decoupled``;
+- ``l1``: ``penalty: l1``, ``update: gradient``, the same unit-removal rule, no head pruning;
+- ``gmp``: gradual magnitude pruning during fine-tuning (tools/baselines.py, cubic schedule to the level over
+  the first 60% of the steps, a global threshold every twentieth of the run);
+- ``dense``: fine-tuning alone; its model is saved for the derived baselines.
+Derived from the dense fine-tuned model (no training):
+- ``structured``: per block, the same number of lowest-norm FFN units and attention units removed as the
+  NeuroPrune run of that level removed (one row per NeuroPrune mode);
+- ``magnitude``: unstructured one-shot magnitude pruning to the level (one global threshold).
 
-Writes ``<out>/<part>/results.json``, ``<out>/results.md`` (the tables of docs/benchmarks.md) and ``<out>/<part>.png``.
+Every model is exported with the project's compact export (``neuroprune_ds.export.convert.export_model``,
+``--format compact``, |w| < epsilon zeroed, logits verified), and the export is what is measured: its
+parameter count, its structure (FFN units and heads removed), its quality, and its prefill speed-up over the
+dense model (256-token prefills, the two timed alternately in this process, median ratio).
+
+Writes ``<out>/<part>/<run>/result.json`` per run (rerunning a run replaces its file), ``<out>/results.md``
+(the tables of docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -28,8 +40,8 @@ import argparse
 import copy
 import gc
 import json
-import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -42,10 +54,20 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import assets  # noqa: E402 (tools/ is on sys.path when run as a script)
+import baselines  # noqa: E402
 
-METHODS = ("neuroprune", "l1", "dense")
+TRAINED = ("dense", "neuroprune", "neuroprune_decoupled", "l1", "gmp")
+DERIVED = ("structured", "magnitude")
+METHODS = TRAINED + DERIVED
+NEUROPRUNE_MODES = ("neuroprune", "neuroprune_decoupled")
+LABELS = {"dense": "dense fine-tuned", "neuroprune": "NeuroPrune, update: gradient",
+          "neuroprune_decoupled": "NeuroPrune, update: decoupled", "l1": "L1, update: gradient",
+          "gmp": "gradual magnitude (cubic)", "structured_neuroprune": "structured magnitude, matched to NP gradient",
+          "structured_neuroprune_decoupled": "structured magnitude, matched to NP decoupled",
+          "magnitude": "unstructured magnitude (one-shot)"}
 
 
 # ---------------------------------------------------------------------------------------------- the parts
@@ -56,20 +78,40 @@ def split_text(text_file: Path, data: Path) -> None:
     lines = [line for line in text_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     cut = int(len(lines) * 0.9)
     data.mkdir(parents=True, exist_ok=True)
-    (data / "train.txt").write_text("\n".join(lines[:cut]) + "\n", encoding="utf-8")
-    (data / "eval.txt").write_text("\n".join(lines[cut:]) + "\n", encoding="utf-8")
+    for name, part in (("train.txt", lines[:cut]), ("eval.txt", lines[cut:])):
+        staged = data / f"{name}.{os.getpid()}"  # runs in parallel processes share the split: rename atomically
+        staged.write_text("\n".join(part) + "\n", encoding="utf-8")
+        os.replace(staged, data / name)
+
+
+def tiny_llama(where: Path) -> Path:
+    """A random 2-layer LLaMA (GQA, 4 heads on 2 KV heads) with SmolLM2's tokenizer: the benchmark's logic in
+    seconds on a CPU (``--tiny``)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if not (where / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_dir())
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                             tie_word_embeddings=True)
+        LlamaForCausalLM(config).save_pretrained(where)
+        tokenizer.save_pretrained(where)
+    return where
 
 
 def lm_part(out: Path, args) -> dict:
     data = out / "data"
-    split_text(assets.austen_text(), data)
+    split_text(assets.botchan_text() if args.tiny else assets.austen_text(), data)  # tiny: a short novel
+    model = tiny_llama(out / "tiny_model") if args.tiny else assets.smollm2_dir()
     return {
         "task": "causal_lm",
-        "model": {"name_or_path": str(assets.smollm2_dir()), "dtype": "fp32"},
-        "data": {"train": str(data / "train.txt"), "eval": str(data / "eval.txt"), "max_length": 128,
-                 "max_eval_examples": args.eval_examples},
-        "schedule": {"micro_batch_size": 2},
-        "metric": "eval/perplexity", "higher_is_better": False, "label": "SmolLM2-135M, Austen, perplexity",
+        "model": {"name_or_path": str(model), "dtype": "fp32"},
+        "data": {"train": str(data / "train.txt"), "eval": str(data / "eval.txt"),
+                 "max_length": args.max_length or 128, "max_eval_examples": args.eval_examples},
+        "schedule": {"micro_batch_size": args.micro_batch or 2},
+        "metric": "eval/perplexity", "higher_is_better": False,
+        "label": "tiny random LLaMA (--tiny), Botchan, perplexity" if args.tiny else "SmolLM2-135M, Austen, perplexity",
     }
 
 
@@ -78,8 +120,8 @@ def cls_part(out: Path, args) -> dict:
     return {
         "task": "classification", "num_labels": 2,
         "model": {"name_or_path": str(assets.minilm_dir()), "dtype": "fp32"},
-        "data": {"train": str(train), "eval": str(test), "max_length": 64},
-        "schedule": {"micro_batch_size": 16},
+        "data": {"train": str(train), "eval": str(test), "max_length": args.max_length or 64},
+        "schedule": {"micro_batch_size": args.micro_batch or 16},
         "metric": "eval/accuracy", "higher_is_better": True, "label": "MiniLM-L6, Rotten Tomatoes, accuracy",
     }
 
@@ -91,19 +133,37 @@ def run_name(method: str, level: float | None) -> str:
     return method if level is None else f"{method}_{round(level * 100)}"
 
 
+def recover_steps(args) -> int:
+    return args.steps // 4
+
+
+def neuroprune_settings(method: str, level: float | None, args) -> dict:
+    """The ``neuroprune`` section of one run (dense and gmp: NeuroPrune off)."""
+    decoupled = method == "neuroprune_decoupled"
+    return {"enabled": method in ("neuroprune", "neuroprune_decoupled", "l1"),
+            "penalty": "l1" if method == "l1" else "neuroprune", "update": "decoupled" if decoupled else "gradient",
+            # gradient mode: lambda is a gradient weight; decoupled: the shrinkage per unit of lr (docs/sparsity.md)
+            "mlp_lambda": 1.0 if decoupled else 1e-4, "attn_lambda": 1.0 if decoupled else 1e-4,
+            "target_sparsity": level, "target_ramp_steps": ramp_steps(args),
+            "recover_steps": recover_steps(args), "prune_ffn_units_below": args.unit_threshold,
+            "prune_heads": method != "l1", "prune_every_steps": max(1, args.steps // 10),
+            "theta": args.theta, "theta_mode": args.theta_mode}
+
+
+def ramp_steps(args) -> int:
+    return max(1, int(args.steps * 0.6))
+
+
 def run_config(part: dict, method: str, level: float | None, out: Path, args) -> Path:
     """Write the trainer config of one run; returns its path."""
     config = {
         "task": part["task"], "output_dir": str(out / run_name(method, level)),
-        "deepspeed": str(ROOT / "ds_configs" / "zero0_fp32.json"),
+        "deepspeed": str(args.deepspeed),
         "model": part["model"], "data": part["data"],
-        "schedule": {"epochs": 100, "max_steps": args.steps, "lr": args.lr, "warmup_steps": 10,
+        "schedule": {"epochs": 1000, "max_steps": args.steps, "lr": args.lr, "warmup_steps": min(10, args.steps // 10),
                      "lr_scheduler": "constant", "log_every_steps": 10, "seed": 0, **part["schedule"]},
         "checkpoint": {"every_steps": 0, "resume": "never"},
-        "neuroprune": {"enabled": method != "dense", "penalty": "l1" if method == "l1" else "neuroprune",
-                       "mlp_lambda": 1e-4, "attn_lambda": 1e-4, "target_sparsity": level,
-                       "target_ramp_steps": int(args.steps * 0.8), "prune_heads": method == "neuroprune",
-                       "prune_every_steps": 0, "theta": args.theta},
+        "neuroprune": neuroprune_settings(method, level, args),
     }
     if "num_labels" in part:
         config["num_labels"] = part["num_labels"]
@@ -117,21 +177,13 @@ def run_config(part: dict, method: str, level: float | None, out: Path, args) ->
 
 
 @contextmanager
-def zeroed(model, names: list[str], threshold: float | None = None, fraction: float | None = None):
-    """Temporarily zero the penalised matrices' weights with |w| < threshold, or the smallest ``fraction`` of
-    them (magnitude pruning, one global threshold); restores the weights afterwards."""
+def zeroed(model, names: list[str], threshold: float):
+    """Temporarily zero the penalised matrices' weights with |w| < threshold; restores them afterwards."""
     params = dict(model.named_parameters())
-    if fraction is not None:
-        magnitudes = torch.cat([params[n].detach().abs().flatten() for n in names])
-        threshold = float(torch.kthvalue(magnitudes, max(1, math.ceil(fraction * magnitudes.numel()))).values)
-        del magnitudes
-        below = lambda w: w.abs() <= threshold  # noqa: E731
-    else:
-        below = lambda w: w.abs() < threshold  # noqa: E731
     saved = {}
     with torch.no_grad():
         for n in names:
-            mask = below(params[n])
+            mask = params[n].abs() < threshold
             saved[n] = (mask, params[n][mask].clone())
             params[n][mask] = 0
     try:
@@ -140,11 +192,6 @@ def zeroed(model, names: list[str], threshold: float | None = None, fraction: fl
         with torch.no_grad():
             for n, (mask, values) in saved.items():
                 params[n][mask] = values
-
-
-def weight_sparsity(model, names: list[str], epsilon: float) -> float:
-    params = dict(model.named_parameters())
-    return sum(int((params[n].abs() < epsilon).sum()) for n in names) / sum(params[n].numel() for n in names)
 
 
 def connectivity_spread(model, arch, epsilon: float) -> dict[str, float]:
@@ -167,9 +214,11 @@ def head_report(model, arch, alive: dict | None) -> list[dict]:
     params = dict(model.named_parameters())
     rows = []
     for block in arch.attention:
-        keep = alive[block.name] if alive else torch.ones(block.num_units, dtype=torch.bool)
         units = unit_parameters(*(params[lin.weight].detach().float() for lin in (block.q, block.k, block.v)),
-                                block.layout)[keep]
+                                block.layout)
+        keep = (alive[block.name].to(units.device) if alive
+                else torch.ones(block.num_units, dtype=torch.bool, device=units.device))
+        units = units[keep]
         d = linf_distances(units)
         d.fill_diagonal_(float("inf"))
         rows.append({"block": block.name, "heads_kept": int(keep.sum()) * block.heads_per_unit,
@@ -177,20 +226,79 @@ def head_report(model, arch, alive: dict | None) -> list[dict]:
     return rows
 
 
-def score(session, part: dict) -> float:
-    from neuroprune_ds.evaluation import evaluate
+class Scorer:
+    """The held-out data of a part and the metric on it."""
 
-    with torch.no_grad():
-        metrics = evaluate(session.engine, session.data, session.tokenizer, batch_size=16, max_new_tokens=0)
-    return metrics[part["metric"]]
+    def __init__(self, data, tokenizer, part: dict):
+        self.data, self.tokenizer, self.metric = data, tokenizer, part["metric"]
+
+    @classmethod
+    def of_run(cls, config: Path, part: dict) -> Scorer:
+        """The held-out data of the run config ``config``."""
+        from neuroprune_ds.config_loader import load_config
+        from neuroprune_ds.data import build_task_data, load_tokenizer
+
+        run = load_config(config, [])
+        tokenizer = load_tokenizer(run.model)
+        return cls(build_task_data(run, tokenizer), tokenizer, part)
+
+    def __call__(self, model) -> float:
+        from neuroprune_ds.evaluation import evaluate
+
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate(model, self.data, self.tokenizer, batch_size=16, max_new_tokens=0)
+        model.train(was_training)
+        return metrics[self.metric]
 
 
-def snapshot(session, part: dict, arch, names: list[str], epsilon: float, **extra) -> dict:
-    model = session.engine.module
-    with zeroed(model, names, threshold=epsilon):
-        row = {"step": session.engine.global_steps, "sparsity": weight_sparsity(model, names, epsilon),
-               "metric": score(session, part), **connectivity_spread(model, arch, epsilon)}
-    return {**row, **extra}
+def export_structure(record: dict) -> dict:
+    """Structure of a compact export from its neuroprune.json: units removed per block and their shares."""
+    ffn_removed = {b["name"]: b["width"] - b["kept_units"] for b in record["ffn"]}
+    heads_removed = {b["name"]: b["num_heads"] - len(b["kept_heads"]) for b in record["attention"]}
+    units_removed = {b["name"]: b["num_kv_heads"] - len(b["kept_kv_heads"]) for b in record["attention"]}
+    return {"ffn_removed": ffn_removed, "attention_units_removed": units_removed,
+            "ffn_units_removed_share": sum(ffn_removed.values()) / max(1, sum(b["width"] for b in record["ffn"])),
+            "heads_removed_share": sum(heads_removed.values()) / max(1, sum(b["num_heads"] for b in record["attention"])),
+            "parameters_dense": record["parameters"]["dense"], "parameters_compact": record["parameters"]["export"],
+            "weight_sparsity": record["weight_sparsity"], "structural_sparsity": record["structural_sparsity"]}
+
+
+def auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return {"causal_lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification}[task]
+
+
+def measure(model, alive: dict, neuroprune, part: dict, scorer: Scorer, where: Path, args) -> dict:
+    """Export ``model`` (fp32, unchanged) compact with ``alive`` head masks, then score the export, count its
+    structure and parameters and time its prefill against ``model``; the export directory is removed after."""
+    import neuroprune_ds.export  # noqa: F401 (registers the compact model classes with the Auto factories)
+    from neuroprune_ds.arch import penalised_weights, resolve_architecture
+    from neuroprune_ds.export.convert import export_model
+
+    arch = resolve_architecture(model)
+    names = penalised_weights(arch)
+    with zeroed(model, names, neuroprune.epsilon):
+        extra = {**connectivity_spread(model, arch, neuroprune.epsilon), "heads": head_report(model, arch, alive)}
+    compact_dir = where / "compact"
+    export_model(copy.deepcopy(model).float().cpu().eval(), {k: v.cpu() for k, v in alive.items()}, str(compact_dir),
+                 "compact", task=part["task"], neuroprune=neuroprune, threshold=neuroprune.epsilon, overwrite=True)
+    record = json.loads((compact_dir / "neuroprune.json").read_text())
+    device = next(model.parameters()).device
+    compact = auto_class(part["task"]).from_pretrained(compact_dir, dtype=torch.float32,
+                                                       trust_remote_code=True).to(device).eval()
+    was_training = model.training
+    model.eval()
+    row = {**export_structure(record), "metric": scorer(compact),
+           "prefill_speedup": baselines.prefill_speed_ratio(compact, model, model.config.vocab_size,
+                                                            repeats=args.prefill_repeats, length=args.prefill_tokens),
+           **extra}
+    model.train(was_training)
+    del compact
+    shutil.rmtree(compact_dir)
+    return row
 
 
 # ------------------------------------------------------------------------------------------------ a run
@@ -207,8 +315,7 @@ def init_single_process() -> None:
 
 
 def train_and_measure(part: dict, method: str, level: float | None, out: Path, args) -> dict:
-    """One run of the step budget. NeuroPrune/L1 aim at ``level`` and are scored at the end; dense is scored
-    before and after fine-tuning and after magnitude pruning to each level."""
+    """One run of the step budget, measured at its end; dense is also scored before fine-tuning and saved."""
     from tqdm import tqdm
 
     from neuroprune_ds.arch import resolve_architecture
@@ -218,20 +325,23 @@ def train_and_measure(part: dict, method: str, level: float | None, out: Path, a
     config = run_config(part, method, level, out, args)
     session = setup(SimpleNamespace(config=config, overrides=[], deepspeed=None))
     engine, pruner = session.engine, session.pruner
-    arch = resolve_architecture(engine.module)
-    names = penalised_weights(arch)
-    epsilon = session.run.neuroprune.epsilon
-    result = {"method": method, "level": level, "steps": args.steps, "lr": args.lr, "sparsity_by_step": [],
-              "lambda_scale_by_step": [], "pushed_by_step": []}
+    names = penalised_weights(resolve_architecture(engine.module))
+    scorer = Scorer(session.data, session.tokenizer, part)
+    gmp = None
+    if method == "gmp":
+        gmp = baselines.GradualMagnitudePruning(engine.module, names, level, start=0, end=ramp_steps(args),
+                                                every_steps=max(1, args.steps // 20))
+    result = {"method": method, "level": level, "steps": args.steps, "lr": args.lr, "sparsity_by_step": []}
     if method == "dense":
-        result["pretrained"] = snapshot(session, part, arch, names, epsilon)
+        result["pretrained"] = scorer(engine.module)
     progress = tqdm(total=args.steps, desc=f"{part['name']}/{run_name(method, level)}", unit="step",
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, mininterval=10)
     started, engine_time = time.perf_counter(), 0.0
     engine.train()
     while engine.global_steps < args.steps:
         for batch in session.loader:
             step_started = time.perf_counter()
+            batch = {key: value.to(engine.device) for key, value in batch.items()}
             engine.backward(engine(**batch).loss)
             if pruner is not None:
                 pruner.after_backward()
@@ -239,105 +349,118 @@ def train_and_measure(part: dict, method: str, level: float | None, out: Path, a
             if pruner is not None:
                 pruner.after_step()
                 result["sparsity_by_step"].append(pruner.measured_sparsity)
-                result["lambda_scale_by_step"].append(pruner.lambda_scale())
-                result["pushed_by_step"].append(pruner.controller.pushed_fraction)
+            if gmp is not None:
+                gmp.after_step(engine.global_steps)
+                result["sparsity_by_step"].append(gmp.sparsity)
             engine_time += time.perf_counter() - step_started
             progress.update(1)
             if engine.global_steps >= args.steps:
                 break
     progress.close()
-    if method == "neuroprune":
-        pruner.prune_heads()  # the paper prunes heads at the end of a stage of training
+    if method in NEUROPRUNE_MODES and not recover_steps(args):
+        pruner.prune_heads()  # without a recovery phase, the paper's pruning at the end of the stage
     result["seconds_per_step"] = engine_time / max(engine.global_steps, 1)
     result["wall_s"] = time.perf_counter() - started
+    alive = dict(pruner.alive) if pruner is not None and method != "l1" else {}
+    result["row"] = measure(engine.module, alive, session.run.neuroprune, part, scorer, out / run_name(method, level),
+                            args)
     if method == "dense":
-        result["fine_tuned"] = snapshot(session, part, arch, names, epsilon, heads=head_report(engine.module, arch,
-                                                                                                None))
-        result["levels"] = []
-        for target in sorted(args.levels):
-            with zeroed(engine.module, names, fraction=target):
-                result["levels"].append(snapshot(session, part, arch, names, epsilon, level=target))
-    else:
-        result["final"] = snapshot(session, part, arch, names, epsilon, level=level,
-                                   heads=head_report(engine.module, arch, pruner.alive))
-    print(f"{run_name(method, level)}: {json.dumps({k: v for k, v in result.items() if not k.endswith('_by_step')})[:400]}",
+        engine.module.save_pretrained(out / "dense" / "model")
+    print(f"{run_name(method, level)}: {json.dumps({k: v for k, v in result.items() if not k.endswith('_by_step')})[:600]}",
           flush=True)
     engine.destroy()
-    del session, engine, pruner
+    del session, engine, pruner, gmp
     gc.collect()
     return result
 
 
-def rows_by_level(results: dict, method: str) -> dict[float, dict]:
-    """Per level, the scored row of ``method`` (NeuroPrune/L1: one run per level; dense: magnitude pruning)."""
-    if method == "dense":
-        return {row["level"]: row for row in results.get("dense", {}).get("levels", [])}
-    return {run["level"]: run["final"] for key, run in results.items() if key.startswith(method + "_")}
+def derived_rows(part: dict, out: Path, results: dict, args, methods: list[str]) -> dict:
+    """The baselines cut from the saved dense fine-tuned model, per level: structured magnitude matched to
+    each NeuroPrune run's removed units, and unstructured magnitude."""
+    from neuroprune_ds.arch import resolve_architecture
+    from neuroprune_ds.config_loader import load_config
+    from neuroprune_ds.export.plan import penalised_weights
+
+    config = out / "dense" / "run.yaml"
+    if not (out / "dense" / "model").exists():
+        raise ValueError(f"derived baselines need the dense run's model at {out / 'dense' / 'model'}: "
+                         "run --methods dense first")
+    neuroprune = load_config(config, []).neuroprune
+    scorer = Scorer.of_run(config, part)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dense = auto_class(part["task"]).from_pretrained(out / "dense" / "model", dtype=torch.float32).to(device).eval()
+    arch = resolve_architecture(dense)
+    derived = {}
+    for level in sorted(args.levels):
+        jobs = []
+        if "structured" in methods:
+            jobs += [(f"structured_{mode}", results[run_name(mode, level)]["row"])
+                     for mode in NEUROPRUNE_MODES if run_name(mode, level) in results]
+        if "magnitude" in methods:
+            jobs.append(("magnitude", None))
+        for name, matched in jobs:
+            model = copy.deepcopy(dense)
+            if matched is None:
+                baselines.magnitude_pruned(model, penalised_weights(arch), level)
+                alive = {}
+            else:
+                alive = baselines.structured_magnitude_pruned(model, arch, matched["ffn_removed"],
+                                                              matched["attention_units_removed"])
+            where = out / run_name(name, level)
+            where.mkdir(parents=True, exist_ok=True)
+            derived[run_name(name, level)] = {"method": name, "level": level,
+                                              "row": measure(model, alive, neuroprune, part, scorer, where, args)}
+            print(f"{run_name(name, level)}: {json.dumps(derived[run_name(name, level)]['row'])[:400]}", flush=True)
+            del model
+            gc.collect()
+    return derived
 
 
 # ------------------------------------------------------------------------------------------------ report
 
 
-def tables(part: dict, results: dict, args) -> str:
+def load_results(part_out: Path) -> dict:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(part_out.glob("*/result.json"))}
+
+
+def save_result(part_out: Path, name: str, result: dict) -> None:
+    (part_out / name).mkdir(parents=True, exist_ok=True)
+    (part_out / name / "result.json").write_text(json.dumps(result, indent=1))
+
+
+def table(part: dict, results: dict) -> str:
     metric = part["metric"].split("/")[-1]
-    dense = results["dense"]
-    lines = [f"### {part['label']}", "",
-             f"{args.steps} steps per run, lr {args.lr}, {part['schedule']['micro_batch_size']} sequences per step; "
-             f"pretrained {metric} {dense['pretrained']['metric']:.4g}, dense fine-tuned "
-             f"{dense['fine_tuned']['metric']:.4g} (FFN connectivity std-dev "
-             f"{dense['fine_tuned']['connectivity_std']:.3f}).", "",
-             f"| target | NeuroPrune {metric} (sparsity) | L1 {metric} (sparsity) | magnitude {metric} | "
-             "FFN connectivity std-dev NP / L1 / mag | FFN units with c < 10% NP / L1 / mag |",
-             "|---|---|---|---|---|---|"]
-    by_level = {m: rows_by_level(results, m) for m in METHODS}
-    for level in sorted(args.levels):
-        cells = [by_level[m].get(level) for m in METHODS]
-        value = lambda row: f"{row['metric']:.4g} ({row['sparsity']:.1%})" if row else "-"  # noqa: E731
-        spread = " / ".join(f"{row['connectivity_std']:.3f}" if row else "-" for row in cells)
-        dead = " / ".join(f"{row['units_below_10pct']:.1%}" if row else "-" for row in cells)
-        magnitude = f"{cells[2]['metric']:.4g}" if cells[2] else "-"
-        lines.append(f"| {level:.0%} | {value(cells[0])} | {value(cells[1])} | {magnitude} | {spread} | {dead} |")
-    np_rows = by_level["neuroprune"]
-    if np_rows:
-        def removed(row: dict) -> str:
-            cut = [f"{h['block']} {h['heads_kept']}/{h['heads']}" for h in row["heads"] if h["heads_kept"] < h["heads"]]
-            return ", ".join(cut) or "none"
+    dense = results.get("dense")
+    steps_lr = next(((r["steps"], r["lr"]) for r in results.values() if "steps" in r), (None, None))
+    head = [f"### {part['label']}", "",
+            f"{steps_lr[0]} steps per run, lr {steps_lr[1]}, {part['schedule']['micro_batch_size']} sequences of "
+            f"{part['data']['max_length']} tokens per step"
+            + (f"; pretrained {metric} {dense['pretrained']:.4g}." if dense else "."), "",
+            f"| target | method | weight sparsity | FFN units removed | heads removed | parameters (compact) | "
+            f"prefill speed-up | {metric} | FFN connectivity std-dev |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    levels = sorted({r["level"] for r in results.values() if r.get("level") is not None})
+    order = ["neuroprune", "neuroprune_decoupled", "l1", "gmp", "structured_neuroprune",
+             "structured_neuroprune_decoupled", "magnitude"]
+    lines = []
 
-        def closest(row: dict) -> float:
-            return min(h["min_linf"] for h in row["heads"] if h["min_linf"] is not None)
+    def cells(target: str, label: str, row: dict) -> str:
+        return (f"| {target} | {label} | {row['weight_sparsity']:.1%} | {row['ffn_units_removed_share']:.1%} | "
+                f"{row['heads_removed_share']:.1%} | {row['parameters_compact'] / 1e6:.2f}M | "
+                f"{row['prefill_speedup']:.2f}x | {row['metric']:.4g} | {row['connectivity_std']:.3f} |")
 
-        lines += ["", f"Heads NeuroPrune removed (theta {args.theta}): "
-                  + "; ".join(f"{level:.0%}: {removed(row)}" for level, row in sorted(np_rows.items()))
-                  + ". Closest pair of heads in any layer (l_inf): "
-                  + ", ".join(f"{level:.0%}: {closest(row):.3f}" for level, row in sorted(np_rows.items()))
-                  + f"; dense fine-tuned: {closest(dense['fine_tuned']):.3f}."]
-    speeds = {m: [r["seconds_per_step"] for k, r in results.items() if k == m or k.startswith(m + "_")] for m in METHODS}
-    lines += ["", "Seconds per step NeuroPrune / L1 / dense: "
-              + " / ".join(f"{sum(v) / len(v):.2f}" if v else "-" for v in speeds.values()) + "."]
-    return "\n".join(lines)
-
-
-def plot(part: dict, results: dict, path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5, 3.5))
-    axes = figure.add_subplot()
-    for method, label in (("neuroprune", "NeuroPrune"), ("l1", "L1"), ("dense", "magnitude (dense fine-tune)")):
-        rows = [row for _, row in sorted(rows_by_level(results, method).items())]
-        axes.plot([r["sparsity"] for r in rows], [r["metric"] for r in rows], marker="o", label=label)
-    axes.axhline(results["dense"]["fine_tuned"]["metric"], color="grey", linestyle=":", label="dense fine-tuned")
-    if not part["higher_is_better"]:
-        axes.set_yscale("log")  # perplexities span orders of magnitude
-    axes.set_xlabel("weight sparsity of penalised matrices")
-    axes.set_ylabel(part["metric"].split("/")[-1])
-    axes.set_title(part["label"], fontsize=9)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-
-
-def results_path_of(part_out: Path) -> Path:
-    return part_out / "results.json"
+    if dense:
+        lines.append(cells("-", LABELS["dense"], dense["row"]))
+    for level in levels:
+        for method in order:
+            run = results.get(run_name(method, level))
+            if run:
+                lines.append(cells(f"{level:.0%}", LABELS[method], run["row"]))
+    speeds = {m: [r["seconds_per_step"] for r in results.values() if r.get("method") == m and "seconds_per_step" in r]
+              for m in TRAINED}
+    tail = ["", "Seconds per training step: " + ", ".join(
+        f"{LABELS[m]} {sum(v) / len(v):.2f}" for m, v in speeds.items() if v) + "."]
+    return "\n".join(head + lines + tail)
 
 
 def main() -> None:
@@ -345,39 +468,50 @@ def main() -> None:
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_quality")
     parser.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.5, 0.7])
-    parser.add_argument("--steps", type=int, default=None, help="step budget per run (default: lm 100, cls 300)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: lm 3e-3, cls 3e-4)")
+    parser.add_argument("--steps", type=int, default=None, help="step budget per run (default: lm 40, cls 300)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: lm 3e-4, cls 3e-4)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default: lm 2, cls 16)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: lm 128, cls 64)")
+    parser.add_argument("--unit-threshold", type=float, default=0.1, help="neuroprune.prune_ffn_units_below")
     parser.add_argument("--theta", type=float, default=0.15)
+    parser.add_argument("--theta-mode", choices=["absolute", "relative"], default="absolute")
     parser.add_argument("--eval-examples", type=int, default=48, help="held-out 128-token blocks (lm)")
+    parser.add_argument("--prefill-tokens", type=int, default=256)
+    parser.add_argument("--prefill-repeats", type=int, default=21, help="timed prefills per model (median)")
+    parser.add_argument("--deepspeed", type=Path, default=ROOT / "ds_configs" / "zero0_fp32.json")
+    parser.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA (fp32 weights, faster)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--report-only", action="store_true", help="rebuild tables and plots from results.json")
+    parser.add_argument("--tiny", action="store_true",
+                        help="lm part: a random 2-layer LLaMA on Botchan instead of SmolLM2 on Austen (the logic in seconds)")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the tables from the result files")
     args = parser.parse_args()
     for level in args.levels:
         if not 0 < level < 1:
             parser.error(f"--levels: {level} is not a sparsity in (0, 1)")
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     init_single_process()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = args.out.resolve()
     report = []
     for name in (PARTS if args.part == "all" else [args.part]):
         part_args = copy.copy(args)
-        part_args.steps = args.steps or {"lm": 100, "cls": 300}[name]
-        part_args.lr = args.lr or {"lm": 3e-3, "cls": 3e-4}[name]
+        part_args.steps = args.steps or {"lm": 40, "cls": 300}[name]
+        part_args.lr = args.lr or 3e-4
         part_out = out / name
         part = {"name": name, **PARTS[name](part_out, part_args)}
-        if args.report_only and results_path_of(part_out).exists():
-            saved = json.loads(results_path_of(part_out).read_text())
-            part_args.steps, part_args.lr = saved["dense"]["steps"], saved["dense"].get("lr", part_args.lr)
-        results_path = results_path_of(part_out)
-        results = json.loads(results_path.read_text()) if results_path.exists() else {}
-        runs = [("dense", None)] if "dense" in args.methods else []
-        runs += [(m, level) for level in sorted(args.levels) for m in ("neuroprune", "l1") if m in args.methods]
+        trained = [m for m in TRAINED if m in args.methods]
+        runs = ([("dense", None)] if "dense" in trained else [])
+        runs += [(m, level) for level in sorted(args.levels) for m in trained if m != "dense"]
         for method, level in ([] if args.report_only else runs):
-            results[run_name(method, level)] = train_and_measure(part, method, level, part_out, part_args)
-            results_path.write_text(json.dumps(results, indent=1))
-        if "dense" in results:
-            report.append(tables(part, results, part_args))
-            plot(part, results, out / f"{name}.png")
+            save_result(part_out, run_name(method, level), train_and_measure(part, method, level, part_out, part_args))
+        derived = [m for m in DERIVED if m in args.methods]
+        if derived and not args.report_only:
+            for key, result in derived_rows(part, part_out, load_results(part_out), part_args, derived).items():
+                save_result(part_out, key, result)
+        results = load_results(part_out)
+        if results:
+            report.append(table(part, results))
     if report:
         (out / "results.md").write_text("\n\n".join(report) + "\n")
         print("\n" + "\n\n".join(report))
