@@ -16,7 +16,8 @@ held-out last 10% of Botchan (the training domain) and on Reuters news articles 
 sparsity, FFN units pruned by the run (``prune_ffn_units_below``) and those below 10% connectivity, and
 the KV-head groups kept. ``--structured 0.1 0.25`` first scores the pretrained model with that share of
 each FFN block's lowest-norm units removed (``baselines.structured_magnitude_pruned``: what a rule that
-ranks units by their weights removes). Writes ``<out>/results.json`` and prints a markdown table
+ranks units by their weights removes), after printing the quantiles of the FFN weights' |w| and of the
+units' mean |w|. Writes ``<out>/results.json`` and prints a markdown table
 (docs/sparsity.md quotes it).
 """
 
@@ -120,6 +121,25 @@ def measure(model, tokenizer, data: dict[str, Path], epsilon: float, args, prune
             "ppl_news": perplexity(model, tokenizer, data["news"].read_text(encoding="utf-8"), args.blocks)}
 
 
+def unit_scales(model) -> dict[str, list[float]]:
+    """Quantiles (1, 10, 25, 50, 75, 90%) of |w| over every FFN weight (every 7th element) and of each FFN
+    unit's mean |w| over its in group (rows of every input projection) and its out group (output column)."""
+    from neuroprune_ds.arch import resolve_architecture
+
+    arch, params = resolve_architecture(model), dict(model.named_parameters())
+    levels = torch.tensor([0.01, 0.1, 0.25, 0.5, 0.75, 0.9])
+    weights, unit_in, unit_out = [], [], []
+    for block in arch.ffn:
+        inputs = torch.cat([params[i.weight].detach().abs() for i in block.inputs], dim=1)
+        output = params[block.output.weight].detach().abs()
+        weights += [inputs.flatten()[::7], output.flatten()[::7]]
+        unit_in.append(inputs.mean(dim=1))
+        unit_out.append(output.mean(dim=0))
+    return {name: torch.quantile(torch.cat(values), levels).tolist()
+            for name, values in (("abs_w", weights), ("unit_in_mean_abs_w", unit_in),
+                                 ("unit_out_mean_abs_w", unit_out))}
+
+
 def structured_removal(data: dict[str, Path], args) -> list[dict]:
     """Perplexity of the pretrained model with each share ``args.structured`` of every FFN block's
     lowest-norm units removed."""
@@ -134,6 +154,8 @@ def structured_removal(data: dict[str, Path], args) -> list[dict]:
     for share in args.structured:
         model = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), dtype=torch.float32).eval()
         arch = resolve_architecture(model)
+        if not results:
+            print(json.dumps({"pretrained_ffn_quantiles_1_10_25_50_75_90": unit_scales(model)}), flush=True)
         structured_magnitude_pruned(model, arch, {b.name: int(share * b.width) for b in arch.ffn}, {})
         results.append({"share": share} | {f"ppl_{key}": perplexity(model, tokenizer, text, args.blocks)
                                             for key, text in texts.items()})
