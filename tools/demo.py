@@ -42,7 +42,7 @@ PREFILL_TOKENS = 256
 
 
 def recipe(args) -> dict:
-    """The ``neuroprune:`` section of the NeuroPrune run (docs/benchmarks.md argues each setting)."""
+    """The ``neuroprune:`` section of the NeuroPrune run (docs/benchmarks.md reports what it reaches and why)."""
     return {"update": "decoupled", "mlp_lambda": 1.0, "attn_lambda": 1.0,
             "target_sparsity": args.target_sparsity, "target_ramp_steps": int(args.max_steps * 0.6),
             "recover_steps": args.recover_steps, "prune_ffn_units_below": args.prune_units_below,
