@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from neuroprune_ds.arch import resolve_architecture
-from neuroprune_ds.export.plan import penalised_weights
+from neuroprune_ds.arch import penalised_weights
 from tiny_models import plant_redundant_units, tiny_model
 
 _spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).parent.parent / "tools" / "bench_quality.py")

@@ -318,8 +318,7 @@ def train_and_measure(part: dict, method: str, level: float | None, out: Path, a
     """One run of the step budget, measured at its end; dense is also scored before fine-tuning and saved."""
     from tqdm import tqdm
 
-    from neuroprune_ds.arch import resolve_architecture
-    from neuroprune_ds.export.plan import penalised_weights
+    from neuroprune_ds.arch import penalised_weights, resolve_architecture
     from neuroprune_ds.train import setup
 
     config = run_config(part, method, level, out, args)
@@ -379,7 +378,7 @@ def derived_rows(part: dict, out: Path, results: dict, args, methods: list[str])
     each NeuroPrune run's removed units, and unstructured magnitude."""
     from neuroprune_ds.arch import resolve_architecture
     from neuroprune_ds.config_loader import load_config
-    from neuroprune_ds.export.plan import penalised_weights
+    from neuroprune_ds.arch import penalised_weights
 
     config = out / "dense" / "run.yaml"
     if not (out / "dense" / "model").exists():

