@@ -193,14 +193,15 @@ def test_head_pruning_stopped_between_blocks_keeps_the_done_blocks_and_finishes_
         e.destroy()
 
 
-def _one_rank_engine(model, lr=1e-3, weight_decay=0.01, clip=1.0):
+def _one_rank_engine(model, lr=1e-3, weight_decay=0.01, clip=1.0, cosine_steps=None):
     import deepspeed
 
     init_single_rank()
     config = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9, "gradient_clipping": clip,
               "zero_optimization": {"stage": 0}}
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    schedule = None if cosine_steps is None else torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cosine_steps)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, lr_scheduler=schedule)
     return engine
 
 
@@ -261,4 +262,22 @@ def test_decoupled_mode_lands_near_the_target_sparsity():
         pruner.after_step()
     sparsity = pruner.metrics()["sparsity/weight"]
     assert abs(sparsity - 0.5) <= 0.02, f"landed at {sparsity:.3f} for a target of 0.5"
+    engine.destroy()
+
+
+@pytest.mark.dist
+def test_decoupled_mode_lands_near_the_target_sparsity_in_a_short_run():
+    """30 AdamW steps on a cosine schedule, the target ramped over 20: the weights must reach zero in the steps
+    left, not only be held there once they do (the threshold of every step covers |delta w| + |w| / H)."""
+    model = equivalence_model("llama")
+    engine = _one_rank_engine(model, lr=1e-3, cosine_steps=30)
+    pruner = NeuroPruner(engine, NeuroPruneConfig(update="decoupled", mlp_lambda=1.0, attn_lambda=1.0,
+                                                  target_sparsity=0.3, target_ramp_steps=20, prune_heads=False))
+    for step in range(30):
+        engine.backward(engine(**batch("llama", step, 0)).loss)
+        pruner.after_backward()
+        engine.step()
+        pruner.after_step()
+    sparsity = pruner.metrics()["sparsity/weight"]
+    assert abs(sparsity - 0.3) <= 0.02, f"landed at {sparsity:.3f} for a target of 0.3"
     engine.destroy()
