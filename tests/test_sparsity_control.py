@@ -7,7 +7,8 @@ import torch
 
 from neuroprune_ds.flat_slice import COL, FlatSlice
 from neuroprune_ds.sparsity_control import (BINS, LOG_MAX, LOG_MIN, SparsityController, add_histogram_,
-                                            add_ratio_histogram_, decoupled_drive, decoupled_horizon, fraction_below, quantile_scale)
+                                            add_ratio_histogram_, decoupled_drive, decoupled_horizon, fraction_below,
+                                            quantile_scale)
 
 
 def test_ratio_histogram_and_quantile_by_hand():
