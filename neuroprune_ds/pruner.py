@@ -37,7 +37,7 @@ from neuroprune_ds.group_sets import GroupSet, Role, build_group_sets, penalised
 from neuroprune_ds.group_statistics import GroupStatistics, Measurement, Statistics, overall_sparsity
 from neuroprune_ds.penalties import GroupMember, Penalty, add_penalty_grad_, degree_weights, soft_threshold_
 from neuroprune_ds.sparsity_control import (BINS, HORIZON, SAMPLE_STRIDE, SparsityController, add_histogram_,
-                                            decoupled_drive, decoupled_horizon, sampled_ratios)
+                                            decoupled_drive, decoupled_horizon, sampled_inverse)
 from neuroprune_ds.structure import Structure
 from neuroprune_ds.zero_access import ZeroAccess
 
@@ -201,8 +201,9 @@ class NeuroPruner:
         hist = None
         if state.samples and state.lr > 0:
             horizon = decoupled_horizon(self.config.target_ramp_steps, self.optimizer_steps)
-            hist = self._ratio_histogram(lambda name: decoupled_drive(
-                state.samples[name], self.access.master(self.params[name])[::SAMPLE_STRIDE], horizon), state.lr)
+            hist = self._ratio_histogram(
+                lambda name: (state.samples[name], self.access.master(self.params[name])[::SAMPLE_STRIDE]),
+                lambda before, after: decoupled_drive(before, after, horizon), state.lr)
         (before, after), hist = self.stats.all_reduce([state.local, after], hist)
         self._refresh_degree_weights(before)
         factors = self._factors(before, after)
@@ -283,29 +284,41 @@ class NeuroPruner:
         """Per-group statistics of every group set, summed over ranks in one all-reduce (collective)."""
         return self.stats.everything()
 
-    def _sampled_gradient(self, name: str) -> torch.Tensor:
-        return self.access.local_grad(self.params[name])[::SAMPLE_STRIDE]
+    def _sampled_gradient(self, name: str) -> tuple[torch.Tensor]:
+        return (self.access.local_grad(self.params[name])[::SAMPLE_STRIDE],)
 
-    def _ratio_histogram(self, sampled: Callable[[str], torch.Tensor], lr: float = 1.0) -> torch.Tensor:
+    def _ratio_histogram(self, sampled: Callable[[str], tuple[torch.Tensor, ...]],
+                         drive: Callable[..., torch.Tensor] = lambda x: x, lr: float = 1.0) -> torch.Tensor:
         """This rank's histogram of r = |x| / (lr * lambda * f) at the sampled positions of its penalised shards:
-        x the task gradient (``lr`` 1), or the decoupled mode's drive (displacement plus |w| / H). The samples
-        of many matrices are histogrammed together (HISTOGRAM_BATCH at a time)."""
+        x the task gradient (``lr`` 1), or the decoupled mode's drive (displacement plus |w| / H).
+
+        ``sampled(name)`` gives the samples x is computed from, ``drive`` computes x from them. The samples of
+        many matrices are concatenated and driven and histogrammed together (HISTOGRAM_BATCH at a time), so
+        the work per matrix is its samples' groups alone."""
         hist = torch.zeros(BINS, dtype=torch.float64, device=self.device)
-        pending, pending_numel = [], 0
+        pending, inverses, pending_numel = [], [], 0
         for group_set in self.penalised_sets:
             if group_set.key not in self._penalty_factors:  # a state saved without them: from the next step on
                 continue
             inverse = 1.0 / (lr * self.penalty.lam(group_set.role) * self._penalty_factors[group_set.key])
             for name, axis in group_set.members:
-                ratios = sampled_ratios(sampled(name), self.access.local_slice(self.params[name]), axis, inverse)
-                pending.append(ratios.to(self.device))
-                pending_numel += ratios.numel()
+                samples = sampled(name)
+                count = samples[0].numel()
+                inverses.append(sampled_inverse(self.access.local_slice(self.params[name]), axis, inverse, count,
+                                                self.device))
+                pending.append(samples)
+                pending_numel += count
                 if pending_numel >= HISTOGRAM_BATCH:
-                    add_histogram_(hist, torch.cat(pending))
-                    pending, pending_numel = [], 0
+                    self._add_ratios(hist, pending, inverses, drive)
+                    pending, inverses, pending_numel = [], [], 0
         if pending:
-            add_histogram_(hist, torch.cat(pending))
+            self._add_ratios(hist, pending, inverses, drive)
         return hist
+
+    def _add_ratios(self, hist: torch.Tensor, pending: list[tuple[torch.Tensor, ...]], inverses: list[torch.Tensor],
+                    drive: Callable[..., torch.Tensor]) -> None:
+        x = drive(*(torch.cat(parts).to(self.device) for parts in zip(*pending)))
+        add_histogram_(hist, x.abs() * torch.cat(inverses))
 
     # -- stop_at_zero ------------------------------------------------------------------------------------
     def _record_signs(self, stepped: set[int]) -> None:

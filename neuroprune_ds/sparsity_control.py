@@ -58,26 +58,33 @@ def decoupled_drive(before: torch.Tensor, after: torch.Tensor, horizon: int) -> 
     return reach.add_((after - before).abs())
 
 
-def sampled_ratios(sampled: torch.Tensor, piece: FlatSlice, axis: str, inverse_penalty: torch.Tensor,
-                   stride: int = SAMPLE_STRIDE) -> torch.Tensor:
-    """r = |x| * inverse_penalty[group] (float64) at every ``stride``-th element of a local shard x.
+def sampled_inverse(piece: FlatSlice, axis: str, inverse_penalty: torch.Tensor, count: int, device,
+                    stride: int = SAMPLE_STRIDE) -> torch.Tensor:
+    """inverse_penalty[group] (float64) of the first ``count`` elements at every ``stride``-th position of a
+    local shard, on ``device``.
 
     A quantile needs a sample, not every weight; the prime stride does not alias with power-of-two row
     widths, so this costs a small fraction of a pass.
 
     Args:
-        sampled: ``x[::stride]`` of the local shard x (1-D): the task gradient, or the optimizer's displacement.
         piece: the shard's slice of the parameter.
         axis: the group axis of this parameter.
         inverse_penalty: 1 / (lambda * f) per group.
-        stride: the sampling stride ``sampled`` was taken with.
-
-    Returns:
-        The ratios, on ``sampled``'s device.
+        count: how many elements were sampled.
+        device: where the result lives.
+        stride: the sampling stride.
     """
-    flat_index = torch.arange(piece.offset, piece.offset + sampled.numel() * stride, stride, device=sampled.device)
+    flat_index = torch.arange(piece.offset, piece.offset + count * stride, stride, device=device)
     group = flat_index // piece.cols if axis == ROW else flat_index % piece.cols
-    return sampled.abs() * inverse_penalty.to(sampled.device)[group]  # float64 product, like .double() first
+    return inverse_penalty.to(device)[group]
+
+
+def sampled_ratios(sampled: torch.Tensor, piece: FlatSlice, axis: str, inverse_penalty: torch.Tensor,
+                   stride: int = SAMPLE_STRIDE) -> torch.Tensor:
+    """r = |x| * inverse_penalty[group] (float64) at every ``stride``-th element of a local shard x, from
+    ``sampled = x[::stride]`` (1-D: the task gradient, or the decoupled mode's drive), on its device
+    (see :func:`sampled_inverse`)."""
+    return sampled.abs() * sampled_inverse(piece, axis, inverse_penalty, sampled.numel(), sampled.device, stride)
 
 
 def add_histogram_(hist: torch.Tensor, ratios: torch.Tensor) -> None:
