@@ -46,8 +46,8 @@ def decoupled_horizon(ramp_steps: int, optimizer_steps: int) -> int:
     """H of the decoupled ratio at the step after ``optimizer_steps``: the steps left until the target ramp ends,
     this one included. After the ramp it stays 1, where the ramp's last step left it: the threshold must then
     bring the sparsity to the target at this very step (the weights already at zero, held by |delta w| alone,
-    fill the quantile first, so once there the rule only holds it), while a longer horizon would let the scale
-    drop at the ramp's end and lose the weights just brought to zero."""
+    fill the quantile first, so once there the rule only holds it), while a longer horizon would divide the
+    |w| term by it at the ramp's end and slow a run still short of its target just when it has few steps left."""
     return max(ramp_steps - optimizer_steps, 1)
 
 
