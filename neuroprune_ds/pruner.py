@@ -36,8 +36,8 @@ from neuroprune_ds.flat_slice import FlatSlice
 from neuroprune_ds.group_sets import GroupSet, Role, build_group_sets, penalised_names
 from neuroprune_ds.group_statistics import GroupStatistics, Measurement, Statistics, overall_sparsity
 from neuroprune_ds.penalties import GroupMember, Penalty, add_penalty_grad_, degree_weights, soft_threshold_
-from neuroprune_ds.sparsity_control import (BINS, SAMPLE_STRIDE, SparsityController, add_histogram_,
-                                            sampled_ratios)
+from neuroprune_ds.sparsity_control import (BINS, HORIZON, SAMPLE_STRIDE, SparsityController, add_histogram_,
+                                            decoupled_drive, decoupled_horizon, sampled_inverse)
 from neuroprune_ds.structure import Structure
 from neuroprune_ds.zero_access import ZeroAccess
 
@@ -74,7 +74,8 @@ class NeuroPruner:
         self.last_penalties = {"mlp": 0.0, "attn": 0.0}
         self.lambda_multiplier = 1.0
         self.measured_sparsity = 0.0
-        self.controller = SparsityController(config.controller_gain)
+        self.controller = SparsityController(config.controller_gain,
+                                             horizon=0 if config.update == "decoupled" else HORIZON)
         self._penalty_factors: dict[str, torch.Tensor] = {}  # last step's per-group factor of each penalised set
         self._boundary_pending = False
         self._pruned_blocks: list = []  # of this step, read with its host transfer; masked before and after it
@@ -191,14 +192,18 @@ class NeuroPruner:
 
         One all-reduce carries the statistics before the step (degree weights, penalty values, the controller's
         measured sparsity: the gradient mode's), the attention groups' L1 after it (the proximal map is taken
-        there), and the controller's histogram of optimizer displacements; one host transfer follows.
+        there), and the controller's histogram of what each threshold must cover (the optimizer's displacement
+        plus the weight's share of the steps left, :func:`~neuroprune_ds.sparsity_control.decoupled_drive`); one
+        host transfer follows.
         """
         state = self._decoupled_step
         after = self.stats.measure(tuple(s for s in self.penalised_sets if s.role.attention))
         hist = None
         if state.samples and state.lr > 0:
-            hist = self._ratio_histogram(lambda name: self.access.master(self.params[name])[::SAMPLE_STRIDE]
-                                         - state.samples[name], state.lr)
+            horizon = decoupled_horizon(self.config.target_ramp_steps, self.optimizer_steps)
+            hist = self._ratio_histogram(
+                lambda name: (state.samples[name], self.access.master(self.params[name])[::SAMPLE_STRIDE]),
+                lambda before, after: decoupled_drive(before, after, horizon), state.lr)
         (before, after), hist = self.stats.all_reduce([state.local, after], hist)
         self._refresh_degree_weights(before)
         factors = self._factors(before, after)
@@ -238,7 +243,8 @@ class NeuroPruner:
         if controlled:
             penalised = sum(self.stats.numel[s.key] for s in self.penalised_sets)
             self.measured_sparsity = (penalised - sum(nonzero)) / max(penalised, 1)
-            self.lambda_multiplier = self.controller.update(hist, self.target_now(), self.measured_sparsity)
+            aim = self.config.target_sparsity if self.config.update == "decoupled" else None  # where H ends
+            self.lambda_multiplier = self.controller.update(hist, self.target_now(), self.measured_sparsity, aim)
 
     def _apply(self, factors: dict[str, torch.Tensor], edit: Callable[[GroupSet, torch.Tensor, float], None]) -> None:
         """``edit(group set, f, lambda now)`` for every penalised set whose lambda is not zero."""
@@ -278,29 +284,41 @@ class NeuroPruner:
         """Per-group statistics of every group set, summed over ranks in one all-reduce (collective)."""
         return self.stats.everything()
 
-    def _sampled_gradient(self, name: str) -> torch.Tensor:
-        return self.access.local_grad(self.params[name])[::SAMPLE_STRIDE]
+    def _sampled_gradient(self, name: str) -> tuple[torch.Tensor]:
+        return (self.access.local_grad(self.params[name])[::SAMPLE_STRIDE],)
 
-    def _ratio_histogram(self, sampled: Callable[[str], torch.Tensor], lr: float = 1.0) -> torch.Tensor:
+    def _ratio_histogram(self, sampled: Callable[[str], tuple[torch.Tensor, ...]],
+                         drive: Callable[..., torch.Tensor] = lambda x: x, lr: float = 1.0) -> torch.Tensor:
         """This rank's histogram of r = |x| / (lr * lambda * f) at the sampled positions of its penalised shards:
-        x the task gradient (``lr`` 1), or the decoupled mode's optimizer displacement. The samples of many
-        matrices are histogrammed together (HISTOGRAM_BATCH at a time)."""
+        x the task gradient (``lr`` 1), or the decoupled mode's drive (displacement plus |w| / H).
+
+        ``sampled(name)`` gives the samples x is computed from, ``drive`` computes x from them. The samples of
+        many matrices are concatenated and driven and histogrammed together (HISTOGRAM_BATCH at a time), so
+        the work per matrix is its samples' groups alone."""
         hist = torch.zeros(BINS, dtype=torch.float64, device=self.device)
-        pending, pending_numel = [], 0
+        pending, inverses, pending_numel = [], [], 0
         for group_set in self.penalised_sets:
             if group_set.key not in self._penalty_factors:  # a state saved without them: from the next step on
                 continue
             inverse = 1.0 / (lr * self.penalty.lam(group_set.role) * self._penalty_factors[group_set.key])
             for name, axis in group_set.members:
-                ratios = sampled_ratios(sampled(name), self.access.local_slice(self.params[name]), axis, inverse)
-                pending.append(ratios.to(self.device))
-                pending_numel += ratios.numel()
+                samples = sampled(name)
+                count = samples[0].numel()
+                inverses.append(sampled_inverse(self.access.local_slice(self.params[name]), axis, inverse, count,
+                                                self.device))
+                pending.append(samples)
+                pending_numel += count
                 if pending_numel >= HISTOGRAM_BATCH:
-                    add_histogram_(hist, torch.cat(pending))
-                    pending, pending_numel = [], 0
+                    self._add_ratios(hist, pending, inverses, drive)
+                    pending, inverses, pending_numel = [], [], 0
         if pending:
-            add_histogram_(hist, torch.cat(pending))
+            self._add_ratios(hist, pending, inverses, drive)
         return hist
+
+    def _add_ratios(self, hist: torch.Tensor, pending: list[tuple[torch.Tensor, ...]], inverses: list[torch.Tensor],
+                    drive: Callable[..., torch.Tensor]) -> None:
+        x = drive(*(torch.cat(parts).to(self.device) for parts in zip(*pending)))
+        add_histogram_(hist, x.abs() * torch.cat(inverses))
 
     # -- stop_at_zero ------------------------------------------------------------------------------------
     def _record_signs(self, stepped: set[int]) -> None:

@@ -14,9 +14,15 @@ all-reduce as the other statistics); the quantile is smoothed over steps, and a 
 term removes the remaining offset between predicted and measured sparsity.
 
 With ``update: decoupled`` the penalty is not in the gradient but a soft threshold at lr * scale * lambda * f_i
-after the optimizer step. A weight then stays at (or heads to) zero when that threshold exceeds the distance
-the optimizer step moves it, |delta w_ij|, so the ratio is r_ij = |delta w_ij| / (lr * lambda * f_i): the same
-quantile rule, measured on the optimizer's own (Adam-normalised) displacement instead of the raw gradient.
+after the optimizer step. A weight at zero stays there when that threshold exceeds the distance the optimizer
+step moves it, |delta w_ij|; a weight of magnitude |w_ij| reaches zero within H steps only when it exceeds
+|delta w_ij| + |w_ij| / H. So the ratio is r_ij = (|delta w_ij| + |w_ij| / H) / (lr * lambda * f_i) (w_ij after
+the optimizer step; the |w| term only for weights that were not zero before it): the same quantile rule, on
+the optimizer's own (Adam-normalised) displacement plus the share of the weight the steps left must remove.
+H is the steps left until the target ramp ends, and 1 after it (see :func:`decoupled_horizon`); the quantile is
+taken at the sparsity wanted when H ends, the full target (the integral term still compares the measured
+sparsity with the ramp's target now). Weights in flight are counted by their |w| / H, so the gradient mode's
+allowance for them (HORIZON) is 0 here.
 """
 
 from __future__ import annotations
@@ -36,26 +42,49 @@ SAMPLE_STRIDE = 29
 HORIZON = 30  # steps: weights already on their way to zero keep going; aim at where sparsity will be then
 
 
-def sampled_ratios(sampled: torch.Tensor, piece: FlatSlice, axis: str, inverse_penalty: torch.Tensor,
-                   stride: int = SAMPLE_STRIDE) -> torch.Tensor:
-    """r = |x| * inverse_penalty[group] (float64) at every ``stride``-th element of a local shard x.
+def decoupled_horizon(ramp_steps: int, optimizer_steps: int) -> int:
+    """H of the decoupled ratio at the step after ``optimizer_steps``: the steps left until the target ramp ends,
+    this one included. After the ramp it stays 1, where the ramp's last step left it: the threshold must then
+    bring the sparsity to the target at this very step (the weights already at zero, held by |delta w| alone,
+    fill the quantile first, so once there the rule only holds it), while a longer horizon would divide the
+    |w| term by it at the ramp's end and slow a run still short of its target just when it has few steps left."""
+    return max(ramp_steps - optimizer_steps, 1)
+
+
+def decoupled_drive(before: torch.Tensor, after: torch.Tensor, horizon: int) -> torch.Tensor:
+    """|delta w| + |w after| / H per sampled weight, the |w| term only where the weight was not zero before the
+    optimizer step: the per-step threshold that brings it to zero within ``horizon`` steps (or holds it there)."""
+    reach = after.abs().div_(horizon).masked_fill_(before == 0, 0)
+    return reach.add_((after - before).abs())
+
+
+def sampled_inverse(piece: FlatSlice, axis: str, inverse_penalty: torch.Tensor, count: int, device,
+                    stride: int = SAMPLE_STRIDE) -> torch.Tensor:
+    """inverse_penalty[group] (float64) of the first ``count`` elements at every ``stride``-th position of a
+    local shard, on ``device``.
 
     A quantile needs a sample, not every weight; the prime stride does not alias with power-of-two row
     widths, so this costs a small fraction of a pass.
 
     Args:
-        sampled: ``x[::stride]`` of the local shard x (1-D): the task gradient, or the optimizer's displacement.
         piece: the shard's slice of the parameter.
         axis: the group axis of this parameter.
         inverse_penalty: 1 / (lambda * f) per group.
-        stride: the sampling stride ``sampled`` was taken with.
-
-    Returns:
-        The ratios, on ``sampled``'s device.
+        count: how many elements were sampled.
+        device: where the result lives.
+        stride: the sampling stride.
     """
-    flat_index = torch.arange(piece.offset, piece.offset + sampled.numel() * stride, stride, device=sampled.device)
+    flat_index = torch.arange(piece.offset, piece.offset + count * stride, stride, device=device)
     group = flat_index // piece.cols if axis == ROW else flat_index % piece.cols
-    return sampled.abs() * inverse_penalty.to(sampled.device)[group]  # float64 product, like .double() first
+    return inverse_penalty.to(device)[group]
+
+
+def sampled_ratios(sampled: torch.Tensor, piece: FlatSlice, axis: str, inverse_penalty: torch.Tensor,
+                   stride: int = SAMPLE_STRIDE) -> torch.Tensor:
+    """r = |x| * inverse_penalty[group] (float64) at every ``stride``-th element of a local shard x, from
+    ``sampled = x[::stride]`` (1-D: the task gradient, or the decoupled mode's drive), on its device
+    (see :func:`sampled_inverse`)."""
+    return sampled.abs() * sampled_inverse(piece, axis, inverse_penalty, sampled.numel(), sampled.device, stride)
 
 
 def add_histogram_(hist: torch.Tensor, ratios: torch.Tensor) -> None:
@@ -101,17 +130,21 @@ class SparsityController:
 
     Args:
         gain: how fast the integral term reacts to (target - measured), per step.
+        horizon: the steps over which weights already heading to zero are expected to keep adding sparsity
+            (HORIZON in gradient mode). 0 in decoupled mode: its ratios count the weights in flight already.
     """
 
-    def __init__(self, gain: float):
+    def __init__(self, gain: float, horizon: int = HORIZON):
         self.gain = gain
+        self.horizon = horizon
         self.log_feedforward: float | None = None
         self.integral = 0.0
         self.previous: float | None = None
         self.rate = 0.0
         self.pushed_fraction = 0.0  # of the last step's sampled weights, those the penalty outweighs at its scale
 
-    def update(self, hist: torch.Tensor | list[float] | None, target: float, measured: float) -> float:
+    def update(self, hist: torch.Tensor | list[float] | None, target: float, measured: float,
+               aim: float | None = None) -> float:
         """One step; returns the new lambda scale.
 
         Args:
@@ -119,14 +152,16 @@ class SparsityController:
                 host (None: keep the feed-forward term).
             target: the sparsity wanted now, the fraction of penalised weights that must be zero.
             measured: the sparsity measured now.
+            aim: the sparsity the histogram's ratios are to reach at their horizon, where the quantile is taken
+                (default ``target``). Decoupled mode aims at the ramp's end, where its H ends.
         """
         if self.previous is not None:
             self.rate += SMOOTHING * ((measured - self.previous) - self.rate)
         self.previous = measured
-        ahead = HORIZON * max(self.rate, 0.0)  # sparsity that weights in flight will still add
+        ahead = self.horizon * max(self.rate, 0.0)  # sparsity that weights in flight will still add
         hist = None if hist is None else _values(hist)
         if hist is not None and math.fsum(hist) > 0:
-            log_now = math.log(quantile_scale(hist, target - ahead))
+            log_now = math.log(quantile_scale(hist, (target if aim is None else aim) - ahead))
             if self.log_feedforward is None:
                 self.log_feedforward = log_now
             self.log_feedforward += SMOOTHING * (log_now - self.log_feedforward)

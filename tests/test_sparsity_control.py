@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from neuroprune_ds.flat_slice import COL, FlatSlice
-from neuroprune_ds.sparsity_control import (BINS, LOG_MAX, LOG_MIN, SparsityController, add_ratio_histogram_,
-                                            fraction_below, quantile_scale)
+from neuroprune_ds.sparsity_control import (BINS, LOG_MAX, LOG_MIN, SparsityController, add_histogram_,
+                                            add_ratio_histogram_, decoupled_drive, decoupled_horizon, fraction_below,
+                                            quantile_scale)
 
 
 def test_ratio_histogram_and_quantile_by_hand():
@@ -30,6 +31,31 @@ def test_ratio_histogram_and_quantile_by_hand():
     assert float(sampled.sum()) == 2
     assert 0.3 <= quantile_scale(sampled, 0.5) <= 0.3 * bin_factor
     assert 20 <= quantile_scale(sampled, 1.0) <= 20 * bin_factor
+
+
+def test_decoupled_drive_by_hand():
+    # before [0, 0.01, -0.02, 0.5], after [1e-3, 0.012, -0.018, 0.5], H 4: a weight at zero before needs only its
+    # displacement held (1e-3); the others also a quarter of |w after| per step: 2e-3 + 3e-3, 2e-3 + 4.5e-3, 0.125
+    before = torch.tensor([0.0, 0.01, -0.02, 0.5], dtype=torch.float64)
+    after = torch.tensor([1e-3, 0.012, -0.018, 0.5], dtype=torch.float64)
+    expected = torch.tensor([1e-3, 5e-3, 6.5e-3, 0.125], dtype=torch.float64)
+    torch.testing.assert_close(decoupled_drive(before, after, 4), expected, rtol=1e-12, atol=1e-15)
+    # H counts this step: 20-step ramp, 5 steps done -> 15 left; at and after the ramp's end 1; no ramp 1
+    assert [decoupled_horizon(20, k) for k in (0, 5, 19, 20, 40)] == [20, 15, 1, 1, 1]
+    assert decoupled_horizon(0, 3) == 1
+
+
+def test_controller_quantile_at_the_aim_and_integral_on_the_target():
+    # 100 ratios 10^(-2 + k/50): aiming at 0.8 takes the 0.8 quantile (about 10^-0.4) while the integral term
+    # sees target == measured and stays 0; with horizon 0 a fast-rising sparsity shifts nothing
+    hist = torch.zeros(BINS, dtype=torch.float64)
+    add_histogram_(hist, torch.logspace(-2, 0, 100, dtype=torch.float64))
+    controller = SparsityController(gain=1.0, horizon=0)
+    controller.update(hist, target=0.0, measured=0.0, aim=0.8)
+    scale = controller.update(hist, target=0.5, measured=0.5, aim=0.8)
+    assert controller.integral == 0
+    assert 10 ** -0.42 <= scale <= 10 ** -0.35
+    assert controller.pushed_fraction == pytest.approx(0.8, abs=0.02)
 
 
 def test_controller_integral_is_bounded_and_acts_on_the_error():
