@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     parser.add_argument("--target-sparsity", type=float, default=0.05)
     parser.add_argument("--max-steps", type=int, default=24)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lr-scheduler", default="cosine")
     parser.add_argument("--recover-steps", type=int, default=6)
     parser.add_argument("--prune-units-below", type=float, default=0.1)
