@@ -132,8 +132,12 @@ def test_structured_magnitude_removes_exactly_the_k_lowest_norm_units():
     for n in params:  # layer 1 and every kept unit untouched
         if n not in (ffn.output.weight, *(lin.weight for lin in ffn.inputs)):
             assert torch.equal(params[n], other[n]), n
-    with pytest.raises(ValueError, match="cannot remove 48 of 48"):
-        baselines.structured_magnitude_pruned(model, arch, {ffn.name: 48}, {})
+    with pytest.raises(ValueError, match="cannot remove 49 of 48"):
+        baselines.structured_magnitude_pruned(model, arch, {ffn.name: 49}, {})
+    with pytest.raises(ValueError, match="cannot remove 2 of 2"):  # an attention block keeps one unit
+        baselines.structured_magnitude_pruned(model, arch, {}, {arch.attention[0].name: 2})
+    baselines.structured_magnitude_pruned(model, arch, {ffn.name: 48}, {})  # an FFN block may lose every unit
+    assert (params[ffn.output.weight] == 0).all()
 
 
 def test_cubic_schedule_at_start_middle_and_end():

@@ -71,10 +71,14 @@ def attention_unit_norms(params: Mapping[str, torch.Tensor], block: AttentionBlo
     return squares.sqrt()
 
 
-def lowest_removed(norms: torch.Tensor, k: int) -> torch.Tensor:
-    """bool keep mask over ``norms`` with the k smallest removed (ties broken by index, deterministic)."""
-    if not 0 <= k < norms.numel():
-        raise ValueError(f"structured pruning: cannot remove {k} of {norms.numel()} units (0 <= k < units)")
+def lowest_removed(norms: torch.Tensor, k: int, keep_one: bool = False) -> torch.Tensor:
+    """bool keep mask over ``norms`` with the k smallest removed (ties broken by index, deterministic).
+
+    ``keep_one``: at least one unit must stay (an attention block; an FFN block may lose every unit, as a
+    NeuroPrune run's compact export can remove them all)."""
+    limit = norms.numel() - 1 if keep_one else norms.numel()
+    if not 0 <= k <= limit:
+        raise ValueError(f"structured pruning: cannot remove {k} of {norms.numel()} units (0 <= k <= {limit})")
     keep = torch.ones(norms.numel(), dtype=torch.bool, device=norms.device)
     keep[torch.sort(norms, stable=True).indices[:k]] = False
     return keep
@@ -103,7 +107,8 @@ def structured_magnitude_pruned(model: torch.nn.Module, arch: ResolvedArchitectu
                 params[linear.weight][~keep] = 0
                 if linear.bias:
                     params[linear.bias][~keep] = 0
-    return {block.name: lowest_removed(attention_unit_norms(params, block), attention_removed.get(block.name, 0))
+    return {block.name: lowest_removed(attention_unit_norms(params, block), attention_removed.get(block.name, 0),
+                                       keep_one=True)
             for block in arch.attention}
 
 
