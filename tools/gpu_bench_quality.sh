@@ -43,7 +43,7 @@ else
     LEVELS=(0.5)
     COMMON=(--part lm --out "$OUT" --steps 4 --lr 3e-4 --micro-batch 2 --max-length 32 --eval-examples 2
             --tiny --prefill-tokens 32 --prefill-repeats 3)
-    TRAIN_TIMEOUT=300 DERIVE_TIMEOUT=120
+    TRAIN_TIMEOUT=1200 DERIVE_TIMEOUT=600  # guards against a hang only: a loaded CPU must not trip them
 fi
 TRAINED=(neuroprune neuroprune_decoupled l1 gmp)
 mkdir -p "$OUT/logs"
