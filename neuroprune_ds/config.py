@@ -74,6 +74,18 @@ class NeuroPruneConfig:
     its out connections with |w| >= epsilon) is below this: its input rows, input biases and output column
     are then zero in the weights, fp32 master and moments for the rest of training, and the compact export
     removes it. None: FFN units are never pruned by rule (only all-zero units vanish at export)."""
+    prune_ffn_units_fraction: float | None = None
+    """Structural target: the share of every FFN block's units to remove, on the head-pruning schedule, the
+    lowest ffn_unit_score first. The share pruned so far follows the cubic ramp of target_ramp_steps (at each
+    pruning step, fraction * (1 - (1 - step / target_ramp_steps)^3)) and is the full fraction when the
+    recovery phase starts; pruned units are masked like those of prune_ffn_units_below (both may be set).
+    None: no structural target."""
+    ffn_unit_score: str = "taylor"
+    """How prune_ffn_units_fraction ranks a block's units. 'taylor': the sum over optimizer steps of (w *
+    task gradient)^2 over the unit's weights (its input rows and biases and its output column), the
+    first-order estimate of the loss change its removal causes (Molchanov et al. 2019); one O(width) sum per
+    FFN matrix and step, all-reduced with the step's statistics. 'connectivity': NeuroPrune's fractional
+    connectivity (the smaller of in and out), ties broken by the unit's L1 norm; nothing accumulated."""
     target_sparsity: float | None = None
     """Weight sparsity (fraction of penalised weights with |w| < epsilon) to reach; the lambdas are then
     scaled by a controller on the measured sparsity instead of being tuned by hand. None: fixed lambdas."""

@@ -392,6 +392,8 @@ RULES: dict[str, Rule] = {
     "neuroprune.recover_steps": _at_least(0),
     "neuroprune.theta_mode": _one_of("absolute", "relative"),
     "neuroprune.prune_ffn_units_below": Rule(lambda value: 0 < value <= 1, "in (0, 1]"),
+    "neuroprune.prune_ffn_units_fraction": Rule(lambda value: 0 < value < 1, "in (0, 1)"),
+    "neuroprune.ffn_unit_score": _one_of("taylor", "connectivity"),
 }
 
 

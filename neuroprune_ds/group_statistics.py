@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from neuroprune_ds.arch import FFNBlock
+from neuroprune_ds.flat_slice import COL, ROW
 from neuroprune_ds.group_sets import GroupSet, Role
 from neuroprune_ds.penalties import GroupMember, GroupStats, group_stats
 from neuroprune_ds.zero_access import ZeroAccess
@@ -53,12 +55,14 @@ class GroupStatistics:
             start += sizes[key]
         return local, buffer
 
-    def all_reduce(self, measured: list[Measurement], extra: torch.Tensor | None = None
-                   ) -> tuple[list[Statistics], torch.Tensor | None]:
-        """Sum measurements (and an optional extra float64 tensor) over ranks in ONE all-reduce."""
+    def all_reduce(self, measured: list[Measurement], extras: tuple[torch.Tensor | None, ...] = ()
+                   ) -> tuple[list[Statistics], list[torch.Tensor | None]]:
+        """Sum measurements (and extra float64 tensors, None: skipped) over ranks in ONE all-reduce."""
         if not self.partitioned:
-            return [stats for stats, _ in measured], extra
-        reduced = self.access.all_reduce_sum([buffer for _, buffer in measured] + ([extra] if extra is not None else []))
+            return [stats for stats, _ in measured], list(extras)
+        present = [extra for extra in extras if extra is not None]
+        reduced = self.access.all_reduce_sum([buffer for _, buffer in measured] + present)
+        summed_extras = iter(reduced[len(measured):])
         out = []
         for (stats, _), buffer in zip(measured, reduced):
             views, start = {}, 0
@@ -67,11 +71,31 @@ class GroupStatistics:
                 views[key] = GroupStats(buffer[0, start:start + size], buffer[1, start:start + size], s.connections)
                 start += size
             out.append(views)
-        return out, (reduced[-1] if extra is not None else None)
+        return out, [None if extra is None else next(summed_extras) for extra in extras]
 
     def everything(self) -> Statistics:
         """The statistics of every group set, summed over ranks (collective)."""
         return self.all_reduce([self.measure(self.group_sets)])[0][0]
+
+    def unit_saliency(self, blocks: tuple[FFNBlock, ...]) -> torch.Tensor:
+        """This rank's part of every FFN unit's sum of (w * g)^2 over its weights (input rows and biases, output
+        column), w the fp32 master and g the gradient now: float64, the blocks' units concatenated, on the
+        device. Summed over ranks it is the full-matrix sum (call between backward and step)."""
+        out = torch.zeros(sum(block.width for block in blocks), dtype=torch.float64, device=self.device)
+        start = 0
+        for block in blocks:
+            piece_of_out = out.narrow(0, start, block.width)
+            members = [(linear.weight, ROW) for linear in block.inputs]
+            members += [(linear.bias, ROW) for linear in block.inputs if linear.bias]
+            for name, axis in members + [(block.output.weight, COL)]:
+                param = self.params[name]
+                piece = self.access.local_slice(param)
+                if piece.numel == 0:
+                    continue
+                product = self.access.master(param) * self.access.local_grad(param).to(torch.float32)
+                piece.group_sums(product.square_(), axis, out=piece_of_out)
+            start += block.width
+        return out
 
     def to_host(self, tensors: list[torch.Tensor | None]) -> list[list[float] | None]:
         """The values of several tensors on the device (None: skipped) as host lists, in ONE transfer."""
@@ -108,6 +132,11 @@ class GroupStatistics:
         (in_present, in_total), (out_present, out_total) = (self.unit_connections(stats, block, role)
                                                             for role in (Role.FFN_INPUT, Role.FFN_OUTPUT))
         return torch.minimum(in_present / in_total, out_present / out_total)
+
+    def unit_l1(self, stats: Statistics, block: str) -> torch.Tensor:
+        """Per FFN unit of ``block``: the L1 norm of its in and out connections."""
+        return sum(stats[s.key].l1 for s in self.group_sets if s.block == block and s.role in (Role.FFN_INPUT,
+                                                                                                Role.FFN_OUTPUT))
 
     def ffn_alive(self, stats: Statistics, block: str) -> torch.Tensor:
         """How many FFN units of ``block`` have a connection >= epsilon both in and out (0-d, on the device)."""

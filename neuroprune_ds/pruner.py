@@ -110,9 +110,18 @@ class NeuroPruner:
 
     def target_now(self) -> float:
         """The controller's target at the current step: a cubic ramp from 0 to ``target_sparsity``."""
+        return self.config.target_sparsity * self._ramp()
+
+    def ffn_units_share_now(self) -> float:
+        """The share of every FFN block's units ``prune_ffn_units_fraction`` has pruned by now: the cubic ramp
+        of ``target_ramp_steps``, and the whole fraction from the recovery phase's start on."""
+        return self.config.prune_ffn_units_fraction * (1.0 if self.recovering() else self._ramp())
+
+    def _ramp(self) -> float:
+        """1 - (1 - progress)^3 over ``target_ramp_steps`` optimizer steps (1 when that is 0)."""
         ramp = self.config.target_ramp_steps
         progress = 1.0 if ramp <= 0 else min(1.0, self.optimizer_steps / ramp)
-        return self.config.target_sparsity * (1.0 - (1.0 - progress) ** 3)
+        return 1.0 - (1.0 - progress) ** 3
 
     def after_backward(self) -> None:
         """Add the penalty gradients and mask pruned units' gradients; call after every ``engine.backward``.
@@ -168,7 +177,9 @@ class NeuroPruner:
         controlled = self.config.target_sparsity is not None
         local = self.stats.measure(self.penalised_sets)
         hist = self._ratio_histogram(self._sampled_gradient) if controlled and self._penalty_factors else None
-        (stats,), hist = self.stats.all_reduce([local], hist)
+        saliency = self._local_saliency()
+        (stats,), (hist, saliency) = self.stats.all_reduce([local], (hist, saliency))
+        self._add_saliency(saliency)
         self._refresh_degree_weights(stats)
         factors = self._factors(stats, stats)
         self._settle_on_host(stats, hist, with_masks=True)
@@ -181,6 +192,7 @@ class NeuroPruner:
         state = self._decoupled_step
         state.lr = self._learning_rate()
         state.local = self.stats.measure(self.penalised_sets)
+        state.saliency = self._local_saliency()
         controlled = self.config.target_sparsity is not None
         state.samples = {name: self.access.master(self.params[name])[::SAMPLE_STRIDE].clone()
                          for name in self.penalised_names} if controlled and self._penalty_factors else {}
@@ -204,13 +216,22 @@ class NeuroPruner:
             hist = self._ratio_histogram(
                 lambda name: (state.samples[name], self.access.master(self.params[name])[::SAMPLE_STRIDE]),
                 lambda before, after: decoupled_drive(before, after, horizon), state.lr)
-        (before, after), hist = self.stats.all_reduce([state.local, after], hist)
+        (before, after), (hist, saliency) = self.stats.all_reduce([state.local, after], (hist, state.saliency))
+        self._add_saliency(saliency)
         self._refresh_degree_weights(before)
         factors = self._factors(before, after)
         self._settle_on_host(before, hist, with_masks=False)
         if state.lr:
             self._apply(factors, lambda group_set, factor, lam: self._shrink(group_set, state.lr * lam * factor))
         self._decoupled_step = _DecoupledStep()
+
+    def _local_saliency(self) -> torch.Tensor | None:
+        """This rank's part of the step's FFN unit saliency (the 'taylor' score), from the task gradient."""
+        return self.stats.unit_saliency(self.arch.ffn) if self.structure.ffn_saliency else None
+
+    def _add_saliency(self, saliency: torch.Tensor | None) -> None:
+        if saliency is not None:
+            self.structure.add_saliency(saliency)
 
     def _refresh_degree_weights(self, stats: Statistics) -> None:
         """omega of every penalised FFN set from ``stats``, every ``degree_every`` steps."""
@@ -419,19 +440,41 @@ class NeuroPruner:
         return self.structure.prune_heads(should_stop)
 
     def prune_ffn_units(self) -> dict[str, list[int]]:
-        """Prune the FFN units whose in or out connectivity is below ``prune_ffn_units_below`` (collective).
+        """Prune the FFN units whose in or out connectivity is below ``prune_ffn_units_below``, then, with
+        ``prune_ffn_units_fraction``, the least important live units up to :meth:`ffn_units_share_now`
+        (collective).
 
-        The decision comes from all-reduced connection counts (integers, exact in float64), identical on every
-        rank, so nothing needs a broadcast. Pruned units stay pruned.
+        The threshold's decision comes from all-reduced connection counts (integers, exact in float64),
+        identical on every rank; the structural target's ranking is rank 0's, broadcast. Pruned units stay
+        pruned.
 
         Returns:
             Per FFN block, the units pruned now.
         """
-        if self.config.prune_ffn_units_below is None:
+        below, fraction = self.config.prune_ffn_units_below, self.config.prune_ffn_units_fraction
+        if below is None and fraction is None:
             return {}
         stats = self.statistics()
-        return self.structure.prune_ffn_units({block.name: self.stats.ffn_connectivity(stats, block.name)
-                                               for block in self.arch.ffn})
+        changes = {}
+        if below is not None:
+            changes = self.structure.prune_ffn_units({block.name: self.stats.ffn_connectivity(stats, block.name)
+                                                      for block in self.arch.ffn})
+        if fraction is not None:
+            more = self.structure.prune_ffn_units_to_share(self.ffn_units_share_now(), self._unit_order(stats))
+            for block, units in more.items():
+                changes[block] = sorted(changes.get(block, []) + units)
+        return changes
+
+    def _unit_order(self, stats: Statistics) -> dict[str, torch.Tensor]:
+        """Per FFN block, its units from the least to the most important by ``ffn_unit_score``."""
+        if self.config.ffn_unit_score == "taylor":
+            return {name: torch.argsort(saliency, stable=True) for name, saliency in self.structure.ffn_saliency.items()}
+        order = {}
+        for block in self.arch.ffn:  # connectivity, ties (e.g. every unit fully connected) broken by the L1 norm
+            by_l1 = torch.argsort(self.stats.unit_l1(stats, block.name), stable=True)
+            connectivity = self.stats.ffn_connectivity(stats, block.name)
+            order[block.name] = by_l1[torch.argsort(connectivity[by_l1], stable=True)]
+        return order
 
     # -- reporting -------------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -493,14 +536,16 @@ class NeuroPruner:
         masks ('alive') and FFN unit masks ('ffn_kept'), the schedule position ('optimizer_steps'), the
         controller's scale and state ('lambda_multiplier', 'controller'), and the last degree weights
         ('omega') and per-group penalty factors ('penalty_factors'), which the next step's controller
-        histogram uses before the statistics refresh them."""
+        histogram uses before the statistics refresh them, and the FFN units' accumulated 'taylor' scores
+        ('ffn_saliency', identical on every rank, so a run resumes on any number of ranks)."""
         return {"alive": _on(self.alive, "cpu"),
                 "optimizer_steps": self.optimizer_steps,
                 "lambda_multiplier": self.lambda_multiplier,
                 "controller": self.controller.state_dict(),
                 "penalty_factors": _on(self._penalty_factors, "cpu"),
                 "omega": _on(self.omega, "cpu"),
-                "ffn_kept": _on(self.ffn_kept, "cpu")}
+                "ffn_kept": _on(self.ffn_kept, "cpu"),
+                "ffn_saliency": _on(self.structure.ffn_saliency, "cpu")}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()`` output onto the pruner's device; the blocks must match this model's."""
@@ -511,6 +556,9 @@ class NeuroPruner:
             self.controller.load_state_dict(state["controller"])
         self._penalty_factors = _on(state.get("penalty_factors", {}), self.device)
         self.omega = _on(state.get("omega", {}), self.device)
+        for name, saliency in state.get("ffn_saliency", {}).items():
+            if name in self.structure.ffn_saliency:
+                self.structure.ffn_saliency[name] = saliency.to(self.device, torch.float64, copy=True)
 
 
 def _on(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
@@ -527,3 +575,5 @@ class _DecoupledStep:
     """Local statistics of the weights the step starts from, and their buffer."""
     samples: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per penalised parameter, its local fp32 master at the controller's sampled positions."""
+    saliency: torch.Tensor | None = None
+    """This rank's part of the step's FFN unit saliency (with the 'taylor' structural target)."""

@@ -42,6 +42,11 @@ class Structure:
                       for block in arch.attention}
         self.ffn_kept = {block.name: torch.ones(block.width, dtype=torch.bool, device=device) for block in arch.ffn}
         self.closest_pairs: dict[str, tuple[float, float]] = {}  # block -> (closest unit distance, theta used)
+        taylor = config.prune_ffn_units_fraction is not None and config.ffn_unit_score == "taylor"
+        self.ffn_saliency = {block.name: torch.zeros(block.width, dtype=torch.float64, device=device)
+                             for block in arch.ffn} if taylor else {}
+        """Per FFN block, each unit's (w * g)^2 summed over its weights and the optimizer steps so far (the
+        'taylor' score of prune_ffn_units_fraction; identical on every rank, empty when not used)."""
 
     # -- masks -----------------------------------------------------------------------------------------
     @property
@@ -164,6 +169,43 @@ class Structure:
             self.ffn_kept[block.name] &= ~weak
             self.mask([block], grads=False)
             changes[block.name] = torch.nonzero(weak).flatten().tolist()
+        return changes
+
+    def add_saliency(self, summed: torch.Tensor) -> None:
+        """Add one step's all-reduced :meth:`~neuroprune_ds.group_statistics.GroupStatistics.unit_saliency`."""
+        for block, part in zip(self.arch.ffn, summed.split([block.width for block in self.arch.ffn])):
+            self.ffn_saliency[block.name] += part
+
+    def prune_ffn_units_to_share(self, share: float, order: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+        """Per FFN block, prune the first live units of ``order`` until floor(share * width) units are pruned
+        (collective: rank 0's masks are broadcast, so every rank prunes the same units whatever rounding its
+        scores saw). Units already pruned count towards the share; masks stay pruned.
+
+        Args:
+            share: the share of every block's units to be pruned once this returns.
+            order: per FFN block, its units from the least to the most important (on the device).
+
+        Returns:
+            Per FFN block, the units pruned now.
+        """
+        kept_before = {block.name: self.ffn_kept[block.name].clone() for block in self.arch.ffn}
+        pruned_counts = torch.stack([(~kept).sum() for kept in kept_before.values()]).tolist() if kept_before else []
+        for block, pruned in zip(self.arch.ffn, pruned_counts):
+            extra = int(share * block.width) - pruned
+            if extra > 0:
+                ranked = order[block.name]
+                live = ranked[self.ffn_kept[block.name][ranked]]
+                self.ffn_kept[block.name][live[:extra]] = False
+        if not self.arch.ffn:
+            return {}
+        masks = self.access.broadcast(torch.cat([self.ffn_kept[b.name] for b in self.arch.ffn]).to(torch.uint8))
+        changes = {}
+        for block, mask in zip(self.arch.ffn, masks.split([b.width for b in self.arch.ffn])):
+            self.ffn_kept[block.name] = mask.bool()
+            newly = kept_before[block.name] & ~self.ffn_kept[block.name]
+            if bool(newly.any()):
+                self.mask([block], grads=False)
+                changes[block.name] = torch.nonzero(newly).flatten().tolist()
         return changes
 
     # -- state -----------------------------------------------------------------------------------------

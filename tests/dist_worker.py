@@ -43,6 +43,14 @@ VARIANTS = {
                                   recover_steps=1),
     "gradient_recovery": NeuroPruneConfig(mlp_lambda=1e-2, attn_lambda=1e-2, theta=0.05, prune_every_steps=2,
                                           prune_ffn_units_below=0.75, recover_steps=1),
+    # the structural target: half of every FFN block's units, 0.5 * (1 - (1 - 2/4)^3) = 43.75% at step 2 and the
+    # whole 50% when recovery starts at step 3; by the accumulated Taylor score, or by connectivity (L1 ties)
+    "decoupled_unit_target": NeuroPruneConfig(update="decoupled", mlp_lambda=2.0, attn_lambda=2.0, theta=0.4,
+                                              theta_mode="relative", prune_every_steps=2, recover_steps=1,
+                                              prune_ffn_units_fraction=0.5, target_ramp_steps=4),
+    "gradient_unit_target": NeuroPruneConfig(mlp_lambda=1e-2, attn_lambda=1e-2, theta=0.05, prune_every_steps=2,
+                                             recover_steps=1, prune_ffn_units_fraction=0.25, target_ramp_steps=4,
+                                             ffn_unit_score="connectivity"),
 }
 
 
@@ -130,6 +138,7 @@ def run(family: str, stage: int, dtype: str, gas: int, options: set[str], varian
         "summary": pruner.summary(),
         "alive": {k: v.clone() for k, v in pruner.alive.items()},
         "ffn_kept": {k: v.clone() for k, v in pruner.ffn_kept.items()},
+        "ffn_saliency": {k: v.clone() for k, v in pruner.structure.ffn_saliency.items()},
         "support_at_recovery": support_at_recovery,
         "closest_pairs": dict(pruner.closest_pairs),
         "losses": losses,

@@ -96,6 +96,8 @@ RANGE_CASES = [
     ("neuroprune.recover_steps", "-1", "0"),
     ("neuroprune.theta_mode", "scaled", "relative"),
     ("neuroprune.prune_ffn_units_below", "0.0", "1.0"),
+    ("neuroprune.prune_ffn_units_fraction", "1.0", "0.25"),
+    ("neuroprune.ffn_unit_score", "taylr", "connectivity"),
     ("task", "lm", "classification"),
     ("num_labels", "0", "1"),
     ("model.name_or_path", "''", "x"),

@@ -268,3 +268,68 @@ def test_decoupled_mode_lands_near_the_target_sparsity(steps, ramp, target, lr, 
     sparsity = pruner.metrics()["sparsity/weight"]
     assert abs(sparsity - target) <= 0.02, f"landed at {sparsity:.3f} for a target of {target}"
     engine.destroy()
+
+
+@pytest.mark.dist
+def test_structural_target_prunes_the_lowest_taylor_scores_on_the_cubic_ramp():
+    """prune_ffn_units_fraction 0.5 with target_ramp_steps 4: the scores are the sums over steps of (w * g)^2
+    over each unit's gate and up rows and down column, computed here by hand from the weights before each step
+    and the gradients; after step 2 the pruner prunes floor(0.5 * (1 - (1/2)^3) * 48) = 21 units per block,
+    the lowest-scored, and the full 24 when recovery starts (step 3 of 4); the scores travel in the state."""
+    model = equivalence_model("llama")
+    engine = _one_rank_engine(model)
+    config = NeuroPruneConfig(update="decoupled", mlp_lambda=0.0, attn_lambda=0.0, prune_heads=False,
+                              prune_every_steps=2, recover_steps=1, prune_ffn_units_fraction=0.5, target_ramp_steps=4)
+    pruner = NeuroPruner(engine, config)
+    pruner.total_steps = 4
+    params = dict(engine.module.named_parameters())
+    blocks = pruner.arch.ffn
+    by_hand = {b.name: torch.zeros(b.width, dtype=torch.float64) for b in blocks}
+    pruned_after = []
+    for step in range(4):
+        engine.backward(engine(**batch("llama", step, 0)).loss)
+        if step < 3:  # not while recovering
+            for b in blocks:
+                for linear in b.inputs:
+                    w = params[linear.weight]
+                    by_hand[b.name] += ((w.detach() * w.grad) ** 2).double().sum(dim=1)
+                w = params[b.output.weight]
+                by_hand[b.name] += ((w.detach() * w.grad) ** 2).double().sum(dim=0)
+        pruner.after_backward()
+        engine.step()
+        pruner.after_step()
+        pruned_after.append([int((~pruner.ffn_kept[b.name]).sum()) for b in blocks])
+        if step == 1:  # the first pruning: exactly the 21 lowest scores of each block
+            for b in blocks:
+                lowest = set(torch.argsort(by_hand[b.name])[:21].tolist())
+                assert set(torch.nonzero(~pruner.ffn_kept[b.name]).flatten().tolist()) == lowest
+    assert pruned_after == [[0, 0], [21, 21], [24, 24], [24, 24]]
+    for b in blocks:
+        # the pruner sums each row / column in fp32 (<= 64 positive terms: relative error <= 64 * 2^-24 = 4e-6)
+        torch.testing.assert_close(pruner.structure.ffn_saliency[b.name], by_hand[b.name], rtol=1e-5, atol=0)
+        assert float(params[b.output.weight].detach()[:, ~pruner.ffn_kept[b.name]].abs().sum()) == 0.0
+    fresh = NeuroPruner(engine, config)
+    fresh.load_state_dict(pruner.state_dict())
+    assert all(torch.equal(fresh.structure.ffn_saliency[b.name], pruner.structure.ffn_saliency[b.name])
+               for b in blocks)
+    engine.destroy()
+
+
+@pytest.mark.dist
+def test_structural_target_by_connectivity_prunes_the_least_connected_then_the_smallest():
+    """ffn_unit_score 'connectivity': units 3 and 7 of layer 0 keep half their input connections, so they go
+    first; the third unit of a 3-unit quota (floor(0.0625 * 48)) is the fully connected unit of least L1."""
+    model = equivalence_model("llama")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+            params[name][[3, 7], ::2] = 0
+        params["model.layers.0.mlp.down_proj.weight"][:, 11] *= 0.01
+    engine = _one_rank_engine(model)
+    pruner = NeuroPruner(engine, NeuroPruneConfig(prune_heads=False, prune_ffn_units_fraction=0.0625,
+                                                  target_ramp_steps=0, ffn_unit_score="connectivity"))
+    changes = pruner.prune_ffn_units()
+    assert changes["model.layers.0.mlp"] == [3, 7, 11]
+    assert len(changes["model.layers.1.mlp"]) == 3
+    assert pruner.prune_ffn_units() == {}  # the share is reached: nothing more
+    engine.destroy()

@@ -38,6 +38,7 @@ SCENARIOS = ([f"{f}:{s}:fp32" for f in FAMILIES for s in range(4)] + [f"{f}:3:bf
              # decoupled proximal steps, FFN unit pruning, relative theta, recovery (see dist_worker.VARIANTS)
              + [f"llama:{s}:fp32@decoupled" for s in range(4)] + ["llama:3:bf16@decoupled", "opt:3:fp32@decoupled"]
              + ["llama:0:fp32@gradient_recovery", "llama:3:fp32@gradient_recovery"]
+             + [f"llama:{s}:fp32@decoupled_unit_target" for s in (0, 1, 3)] + ["opt:2:fp32@gradient_unit_target"]
              + ["llama:3:fp32:1:offload", "opt:3:bf16:1:offload"])  # optimizer states in CPU memory
 RECOVERING = [s for s in SCENARIOS if "@" in s]
 UNSUPPORTED = "llama:0:bf16"  # DeepSpeed's FP16_Optimizer hides the fp32 master: the pruner must refuse it
@@ -161,7 +162,18 @@ def reference_run(family: str, gas: int, variant: str = "", ranks: int = 2) -> d
             else:
                 zero_weights_and_moments(name, dead)
 
-    def prune():
+    def unit_order(block):
+        """The block's units from the least to the most important by cfg.ffn_unit_score."""
+        if cfg.ffn_unit_score == "taylor":
+            return torch.argsort(saliency[block.name], stable=True)
+        inputs = torch.cat([params[i.weight] for i in block.inputs], dim=1).detach().double()
+        out = params[block.output.weight].detach().double()
+        connectivity = torch.minimum((inputs.abs() >= cfg.epsilon).double().mean(dim=1),
+                                     (out.abs() >= cfg.epsilon).double().mean(dim=0))
+        by_l1 = torch.argsort(inputs.abs().sum(dim=1) + out.abs().sum(dim=0), stable=True)
+        return by_l1[torch.argsort(connectivity[by_l1], stable=True)]
+
+    def prune(steps_done: int, recovery_starts: bool):
         with torch.no_grad():
             for block in arch.attention:
                 layout = UnitLayout(block.num_units, block.heads_per_unit, block.head_dim)
@@ -183,15 +195,34 @@ def reference_run(family: str, gas: int, variant: str = "", ranks: int = 2) -> d
                 ffn_kept[block.name] = ffn_kept[block.name] & ~weak
                 ffn_pruned[block.name] = ffn_pruned.get(block.name, 0) + int(weak.sum())
             apply_masks(grads=False)
+            if cfg.prune_ffn_units_fraction is not None:
+                progress = min(1.0, steps_done / cfg.target_ramp_steps)
+                share = cfg.prune_ffn_units_fraction * (1.0 if recovery_starts else 1.0 - (1.0 - progress) ** 3)
+                for block in arch.ffn:
+                    kept = ffn_kept[block.name]
+                    extra = int(share * block.width) - int((~kept).sum())
+                    if extra > 0:
+                        order = unit_order(block)
+                        kept[order[kept[order]][:extra]] = False
+                        ffn_pruned[block.name] = ffn_pruned.get(block.name, 0) + extra
+                apply_masks(grads=False)
 
     recovery_start = W.STEPS - cfg.recover_steps if cfg.recover_steps else None
     penalties, decisions, ffn_pruned, closest, crossings, prox_zeros = [], {}, {}, {}, 0, 0
+    saliency = {b.name: torch.zeros(b.width, dtype=torch.float64) for b in arch.ffn}  # sum of (w * task grad)^2
     for step in range(W.STEPS):
         recovering = recovery_start is not None and step >= recovery_start
         optimizer.zero_grad()
         for rank in range(ranks):
             for micro in range(gas):
                 (model(**batch(family, step, rank, micro)).loss / (ranks * gas)).backward()
+        if not recovering:
+            for block in arch.ffn:
+                members = [(params[i.weight], 1) for i in block.inputs]
+                members += [(params[i.bias], None) for i in block.inputs if i.bias]
+                for param, dim in members + [(params[block.output.weight], 0)]:
+                    product = (param.detach() * param.grad).double() ** 2
+                    saliency[block.name] += product if dim is None else product.sum(dim=dim)
         r_mlp, r_att = reference_penalties(params, arch, cfg)
         if recovering:
             penalties.append({"mlp": 0.0, "attn": 0.0})
@@ -231,15 +262,15 @@ def reference_run(family: str, gas: int, variant: str = "", ranks: int = 2) -> d
                 prox_zeros = sum(int((params[name] == 0).sum()) for name in penalised)
         apply_masks(grads=False)
         if recovery_start is not None and step + 1 == recovery_start:
-            prune()
+            prune(step + 1, recovery_starts=True)
             with torch.no_grad():
                 for name in penalised:
                     zero_weights_and_moments(name, params[name].abs() < cfg.epsilon)
         elif (step + 1) % cfg.prune_every_steps == 0 and not (recovering or step + 1 == recovery_start):
-            prune()
+            prune(step + 1, recovery_starts=False)
     return {"params": {k: v.detach().clone() for k, v in params.items()}, "alive": alive, "arch": arch,
             "penalties": penalties, "decisions": decisions, "crossings": crossings, "ffn_kept": ffn_kept,
-            "ffn_pruned": ffn_pruned, "prox_zeros": prox_zeros, "closest": closest}
+            "ffn_pruned": ffn_pruned, "prox_zeros": prox_zeros, "closest": closest, "saliency": saliency}
 
 
 def reference_metrics(ref) -> dict:
@@ -470,3 +501,20 @@ def test_decoupled_steps_make_exact_zeros_and_report_the_closest_heads(ds_result
         assert result["metrics"][f"heads_closest/{block.name}"] == closest
         summary = next(a for a in result["summary"]["attention"] if a["name"] == block.name)
         assert (summary["closest_distance"], summary["theta"]) == (closest, theta)
+
+
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if "unit_target" in s])
+def test_structural_target_prunes_the_reference_units_by_the_reference_scores(ds_results, scenario):
+    """prune_ffn_units_fraction: the accumulated Taylor scores (sums of (w * task gradient)^2 over 3 steps,
+    products of fp32 values summed in another order: 1e-5 relative) equal the reference's, and each block ends
+    with exactly floor(fraction * width) units pruned, the reference's (kept masks: the other test)."""
+    result, ref = result_of(ds_results, scenario), reference(scenario)
+    cfg = W.VARIANTS[W.parse(scenario)[-1]]
+    for block in ref["arch"].ffn:
+        assert int((~result["ffn_kept"][block.name]).sum()) == int(cfg.prune_ffn_units_fraction * block.width)
+        if cfg.ffn_unit_score == "taylor":
+            expected = ref["saliency"][block.name]
+            assert expected.min() > 0
+            torch.testing.assert_close(result["ffn_saliency"][block.name].cpu(), expected, rtol=1e-5, atol=0)
+        else:
+            assert result["ffn_saliency"] == {}
