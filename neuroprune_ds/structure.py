@@ -5,7 +5,7 @@ input rows (and biases) and output column, are zeroed in the weights, the fp32 m
 moment when it is pruned and after every optimizer step, and its gradients before every step. Masks are
 monotone: a pruned unit never comes back. Head pruning gathers one attention block at a time and follows rank
 0's decision (docs/algorithm.md section 4); FFN units are pruned from all-reduced connection counts, which
-are identical on every rank (docs/sparsity.md).
+are identical on every rank, or, under a structural target, by rank 0's ranking, broadcast (docs/sparsity.md).
 """
 
 from __future__ import annotations

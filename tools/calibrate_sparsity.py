@@ -10,7 +10,8 @@ of Botchan, 4 x 128 tokens per step, AdamW with a cosine schedule, the same data
 - ``decoupled``: ``update: decoupled``, same target;
 - ``decoupled_recover``: the same, with the final quarter of the steps (or ``--recover-steps``) as
   ``recover_steps``.
-The recipe flags (``--lambda``, ``--target none``, ``--prune-units-below``, ``--theta-mode``, ``--lr-scheduler``)
+The recipe flags (``--lambda``, ``--target none``, ``--prune-units-below``, ``--units-fraction``, ``--unit-score``,
+``--prune-every``, ``--theta-mode``, ``--lr-scheduler``)
 apply to every NeuroPrune run. Each model is scored with the penalised weights below epsilon zeroed (as the export does): perplexity on the
 held-out last 10% of Botchan (the training domain) and on Reuters news articles (another domain), weight
 sparsity, FFN units pruned by the run (``prune_ffn_units_below``) and those below 10% connectivity, and
@@ -65,7 +66,8 @@ def neuroprune_section(name: str, args) -> dict:
     return {"enabled": name != "dense", "update": "gradient" if name == "gradient" else "decoupled",
             "mlp_lambda": lam, "attn_lambda": lam, "target_sparsity": args.target,
             "target_ramp_steps": int(args.steps * 0.6), "recover_steps": recover_steps(name, args),
-            "prune_ffn_units_below": args.prune_units_below, "prune_every_steps": args.steps,
+            "prune_ffn_units_below": args.prune_units_below, "prune_every_steps": args.prune_every or args.steps,
+            "prune_ffn_units_fraction": args.units_fraction, "ffn_unit_score": args.unit_score,
             "prune_heads": args.theta is not None, "theta": args.theta or 0.15, "theta_mode": args.theta_mode}
 
 
@@ -210,6 +212,9 @@ def main() -> None:
                         help="base lambda of both penalties (default 1e-4 gradient, 1.0 decoupled)")
     parser.add_argument("--recover-steps", type=int, default=None, help="decoupled_recover (default steps // 4)")
     parser.add_argument("--prune-units-below", type=float, default=None, help="prune_ffn_units_below")
+    parser.add_argument("--units-fraction", type=float, default=None, help="prune_ffn_units_fraction")
+    parser.add_argument("--unit-score", choices=("taylor", "connectivity"), default="taylor", help="ffn_unit_score")
+    parser.add_argument("--prune-every", type=int, default=None, help="prune_every_steps (default: the run's steps)")
     parser.add_argument("--theta", type=float, default=None, help="prune heads at this theta (default: no)")
     parser.add_argument("--theta-mode", choices=("absolute", "relative"), default="absolute")
     parser.add_argument("--lr-scheduler", default="cosine")

@@ -9,7 +9,8 @@ a dense fine-tune with the same recipe.
 2. fine-tunes twice on 2 CPU ranks under ZeRO-3 (fp32: on CPUs without bf16 instructions, as here, bf16
    matmuls are ~3x slower than fp32) through the deepspeed launcher (`launch/local.sh`), with the same
    learning rate, schedule, steps and data order: NeuroPrune (decoupled penalty steps under a target weight
-   sparsity, a recovery phase, FFN units below a connectivity threshold pruned) and dense (NeuroPrune off);
+   sparsity, a structural target of FFN units removed by their Taylor scores, FFN units below a connectivity
+   threshold pruned, a recovery phase) and dense (NeuroPrune off);
 3. exports the NeuroPrune run as a compact Hugging Face checkpoint (`neuroprune convert`, logits verified)
    and writes plots (`neuroprune report`) and TensorBoard logs;
 4. prints a summary: perplexity on held-out Botchan and on the news of the dense model, the dense fine-tune,
@@ -46,7 +47,8 @@ def recipe(args) -> dict:
     return {"update": "decoupled", "mlp_lambda": 1.0, "attn_lambda": 1.0,
             "target_sparsity": args.target_sparsity, "target_ramp_steps": int(args.max_steps * 0.6),
             "recover_steps": args.recover_steps, "prune_ffn_units_below": args.prune_units_below,
-            "prune_every_steps": args.max_steps, "theta": args.theta, "theta_mode": "relative"}
+            "prune_ffn_units_fraction": args.units_fraction, "ffn_unit_score": "taylor",
+            "prune_every_steps": args.prune_every, "theta": args.theta, "theta_mode": "relative"}
 
 
 def prepare(out: Path, data: dict[str, Path], args) -> dict[str, Path]:
@@ -189,6 +191,9 @@ def main() -> None:
     parser.add_argument("--lr-scheduler", default="cosine")
     parser.add_argument("--recover-steps", type=int, default=6)
     parser.add_argument("--prune-units-below", type=float, default=0.1)
+    parser.add_argument("--units-fraction", type=lambda v: None if v == "none" else float(v), default=0.25,
+                        help="prune_ffn_units_fraction (the structural target; 'none': off)")
+    parser.add_argument("--prune-every", type=int, default=2, help="prune_every_steps")
     parser.add_argument("--theta", type=float, default=0.15, help="relative to each block's weight scale")
     parser.add_argument("--eval-blocks", type=int, default=8, help="128-token blocks per perplexity text")
     args = parser.parse_args()
