@@ -2,7 +2,8 @@
 
 Under CUDA + NCCL a tensor created without ``device=`` sits on the CPU, and the first collective or the first
 product with a GPU shard fails. CPU-only machines see no failure, so the trainer runs here (2 ranks, ZeRO-3,
-activation checkpointing, NeuroPrune with a target sparsity and head pruning, evaluation, a preemption save
+activation checkpointing, NeuroPrune with a target sparsity, head pruning and the structural target's Taylor
+scores, evaluation, a preemption save
 and a resume) under
 tests/device_guard.py, which records every tensor factory the library calls without a device.
 """
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.dist
 
 def test_trainer_pruner_evaluation_and_resume_create_no_tensor_without_a_device(tmp_path, assets):
     sections = {"neuroprune": {"mlp_lambda": 1e-3, "attn_lambda": 1e-3, "theta": 0.2, "prune_every_steps": 2,
-                               "target_sparsity": 0.3, "target_ramp_steps": 4},
+                               "target_sparsity": 0.3, "target_ramp_steps": 4, "prune_ffn_units_fraction": 0.25},
                 "model": {"gradient_checkpointing": True}}
     config = write_run(tmp_path, assets, "guarded", **sections)
     ds = ds_json(tmp_path, 3)
@@ -49,17 +50,18 @@ def test_pruner_state_restored_from_a_cpu_checkpoint_lands_on_the_pruners_device
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
                                       config={"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9,
                                               "zero_optimization": {"stage": 0}})
-    pruner = NeuroPruner(engine, NeuroPruneConfig(theta=0.05, target_sparsity=0.3))
+    pruner = NeuroPruner(engine, NeuroPruneConfig(theta=0.05, target_sparsity=0.3, prune_ffn_units_fraction=0.25))
     engine.backward(engine(**batch("llama", 0, 0)).loss)
     pruner.after_backward()
     engine.step()
     pruner.after_step()
     assert pruner.prune_heads()
     state = pruner.state_dict()
-    saved = [t for key in ("alive", "omega", "penalty_factors") for t in state[key].values()]
+    saved = [t for key in ("alive", "omega", "penalty_factors", "ffn_saliency") for t in state[key].values()]
     assert saved and all(t.device.type == "cpu" for t in saved)
     pruner.device = torch.device("meta")
     pruner.load_state_dict(state)
-    restored = [*pruner.alive.values(), *pruner.omega.values(), *pruner._penalty_factors.values()]
+    restored = [*pruner.alive.values(), *pruner.omega.values(), *pruner._penalty_factors.values(),
+                *pruner.structure.ffn_saliency.values()]
     assert len(restored) == len(saved) and all(t.device.type == "meta" for t in restored)
     engine.destroy()
