@@ -256,7 +256,9 @@ class NeuroPruner:
         controlled = self.config.target_sparsity is not None
         nonzero = torch.stack([stats[s.key].nonzero.sum() for s in self.penalised_sets]) if controlled else None
         intact = self.structure.intact() if with_masks else None
-        values, nonzero, hist, intact = self.stats.to_host([values, nonzero, hist, intact])
+        structural = controlled and self.config.prune_ffn_units_fraction is not None and self.arch.ffn
+        pruned = torch.stack([(~self.ffn_kept[b.name]).sum() for b in self.arch.ffn]) if structural else None
+        values, nonzero, hist, intact, pruned = self.stats.to_host([values, nonzero, hist, intact, pruned])
         self.last_penalties = {kind: sum((v for s, v in zip(self.penalised_sets, values)
                                           if s.role.attention == (kind == "attn")), 0.0) for kind in ("mlp", "attn")}
         if with_masks:
@@ -264,8 +266,19 @@ class NeuroPruner:
         if controlled:
             penalised = sum(self.stats.numel[s.key] for s in self.penalised_sets)
             self.measured_sparsity = (penalised - sum(nonzero)) / max(penalised, 1)
-            aim = self.config.target_sparsity if self.config.update == "decoupled" else None  # where H ends
+            aim = None
+            if self.config.update == "decoupled":  # where H ends, less the zeros the structural target will add
+                aim = self.config.target_sparsity - (self._structure_pending(pruned, penalised) if pruned else 0.0)
             self.lambda_multiplier = self.controller.update(hist, self.target_now(), self.measured_sparsity, aim)
+
+    def _structure_pending(self, pruned: list[float], penalised: int) -> float:
+        """The share of the penalised weights that ``prune_ffn_units_fraction`` will still zero by its ramp's end:
+        the units each block has yet to lose (``pruned``: its units pruned now) times their connections."""
+        fraction = self.config.prune_ffn_units_fraction
+        pending = sum(max(int(fraction * block.width) - int(done), 0)
+                      * (sum(linear.in_features for linear in block.inputs) + block.output.out_features)
+                      for block, done in zip(self.arch.ffn, pruned))
+        return pending / max(penalised, 1)
 
     def _apply(self, factors: dict[str, torch.Tensor], edit: Callable[[GroupSet, torch.Tensor, float], None]) -> None:
         """``edit(group set, f, lambda now)`` for every penalised set whose lambda is not zero."""

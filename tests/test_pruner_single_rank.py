@@ -333,3 +333,28 @@ def test_structural_target_by_connectivity_prunes_the_least_connected_then_the_s
     assert len(changes["model.layers.1.mlp"]) == 3
     assert pruner.prune_ffn_units() == {}  # the share is reached: nothing more
     engine.destroy()
+
+
+@pytest.mark.dist
+def test_decoupled_controller_counts_the_units_the_structural_target_will_remove():
+    """The main job's schedule on a tiny LLaMA: target 0.25, a quarter of the FFN units removed on the same
+    14-step ramp (pruned every 2 steps), 6 recovery steps of 24, lr 1e-4 cosine. The units' weights are about
+    0.17 of the penalised ones, and the controller aims its threshold at the rest only: 0.274. Aiming at the
+    whole 0.25 (the rule before) shrinks as if no unit were going and lands at 0.297."""
+    model = equivalence_model("llama")
+    steps = 24
+    engine = _one_rank_engine(model, lr=1e-4, cosine_steps=steps)
+    pruner = NeuroPruner(engine, NeuroPruneConfig(update="decoupled", mlp_lambda=1.0, attn_lambda=1.0,
+                                                  target_sparsity=0.25, target_ramp_steps=14, prune_heads=False,
+                                                  prune_every_steps=2, prune_ffn_units_fraction=0.25,
+                                                  recover_steps=6))
+    pruner.total_steps = steps
+    for step in range(steps):
+        engine.backward(engine(**batch("llama", step, 0)).loss)
+        pruner.after_backward()
+        engine.step()
+        pruner.after_step()
+    sparsity = pruner.metrics()["sparsity/weight"]
+    assert [int((~kept).sum()) for kept in pruner.ffn_kept.values()] == [12, 12]
+    assert abs(sparsity - 0.25) <= 0.03, f"landed at {sparsity:.3f} for a target of 0.25"
+    engine.destroy()
