@@ -193,6 +193,15 @@ def test_head_pruning_stopped_between_blocks_keeps_the_done_blocks_and_finishes_
         e.destroy()
 
 
+def _train(engine, pruner, steps: int) -> None:
+    """``steps`` optimizer steps of the tiny LLaMA's batches with the pruner's hooks."""
+    for step in range(steps):
+        engine.backward(engine(**batch("llama", step, 0)).loss)
+        pruner.after_backward()
+        engine.step()
+        pruner.after_step()
+
+
 def _one_rank_engine(model, lr=1e-3, weight_decay=0.01, clip=1.0, cosine_steps=None):
     import deepspeed
 
@@ -260,11 +269,7 @@ def test_decoupled_mode_lands_near_the_target_sparsity(steps, ramp, target, lr, 
     engine = _one_rank_engine(model, lr=lr, cosine_steps=steps if cosine else None)
     pruner = NeuroPruner(engine, NeuroPruneConfig(update="decoupled", mlp_lambda=1.0, attn_lambda=1.0,
                                                   target_sparsity=target, target_ramp_steps=ramp, prune_heads=False))
-    for step in range(steps):
-        engine.backward(engine(**batch("llama", step, 0)).loss)
-        pruner.after_backward()
-        engine.step()
-        pruner.after_step()
+    _train(engine, pruner, steps)
     sparsity = pruner.metrics()["sparsity/weight"]
     assert abs(sparsity - target) <= 0.02, f"landed at {sparsity:.3f} for a target of {target}"
     engine.destroy()
@@ -349,11 +354,7 @@ def test_decoupled_controller_counts_the_units_the_structural_target_will_remove
                                                   prune_every_steps=2, prune_ffn_units_fraction=0.25,
                                                   recover_steps=6))
     pruner.total_steps = steps
-    for step in range(steps):
-        engine.backward(engine(**batch("llama", step, 0)).loss)
-        pruner.after_backward()
-        engine.step()
-        pruner.after_step()
+    _train(engine, pruner, steps)
     sparsity = pruner.metrics()["sparsity/weight"]
     assert [int((~kept).sum()) for kept in pruner.ffn_kept.values()] == [12, 12]
     assert abs(sparsity - 0.25) <= 0.03, f"landed at {sparsity:.3f} for a target of 0.25"
