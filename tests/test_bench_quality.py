@@ -192,10 +192,12 @@ def test_gpu_script_tiny_mode_runs_every_method_and_matches_the_structure(tmp_pa
                           capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "lm").glob("*/result.json")}
-    expected = {"dense", "neuroprune_50", "neuroprune_decoupled_50", "l1_50", "gmp_50",
-                "structured_neuroprune_50", "structured_neuroprune_decoupled_50", "magnitude_50"}
+    expected = {"dense", "neuroprune_50", "neuroprune_decoupled_50", "neuroprune_structural_50", "l1_50", "gmp_50",
+                "structured_neuroprune_50", "structured_neuroprune_decoupled_50", "structured_neuroprune_structural_50",
+                "magnitude_50"}
     assert set(results) == expected
-    for mode in ("neuroprune", "neuroprune_decoupled"):
+    assert results["neuroprune_structural_50"]["row"]["ffn_units_removed_share"] >= 0.5  # the structural target
+    for mode in ("neuroprune", "neuroprune_decoupled", "neuroprune_structural"):
         trained, cut = results[f"{mode}_50"]["row"], results[f"structured_{mode}_50"]["row"]
         assert cut["ffn_removed"] == trained["ffn_removed"]  # the same units per block, so the same shapes
         assert cut["attention_units_removed"] == trained["attention_units_removed"]
@@ -205,5 +207,6 @@ def test_gpu_script_tiny_mode_runs_every_method_and_matches_the_structure(tmp_pa
     table = (tmp_path / "results.md").read_text()
     for label in ("dense fine-tuned", "NeuroPrune, update: gradient", "NeuroPrune, update: decoupled",
                   "L1, update: gradient", "gradual magnitude (cubic)", "structured magnitude, matched to NP gradient",
-                  "structured magnitude, matched to NP decoupled", "unstructured magnitude (one-shot)"):
+                  "structured magnitude, matched to NP decoupled", "NeuroPrune, decoupled + structural target",
+                  "structured magnitude, matched to NP structural", "unstructured magnitude (one-shot)"):
         assert f"| {label} |" in table, label

@@ -16,6 +16,8 @@ Trained methods (same data order, learning rate and step budget; the penalised o
 below ``--unit-threshold`` connectivity pruned every tenth of the run):
 - ``neuroprune``: ``penalty: neuroprune``, ``update: gradient``, heads pruned by similarity;
 - ``neuroprune_decoupled``: the same with ``update: decoupled``;
+- ``neuroprune_structural``: ``neuroprune_decoupled`` with the structural target ``prune_ffn_units_fraction`` =
+  level (that share of every FFN block's units removed by their Taylor scores on the target's ramp);
 - ``l1``: ``penalty: l1``, ``update: gradient``, the same unit-removal rule, no head pruning;
 - ``gmp``: gradual magnitude pruning during fine-tuning (tools/baselines.py, cubic schedule to the level over
   the first 60% of the steps, a global threshold every twentieth of the run);
@@ -59,14 +61,16 @@ sys.path.insert(0, str(ROOT / "tools"))
 import assets  # noqa: E402 (tools/ is on sys.path when run as a script)
 import baselines  # noqa: E402
 
-TRAINED = ("dense", "neuroprune", "neuroprune_decoupled", "l1", "gmp")
+TRAINED = ("dense", "neuroprune", "neuroprune_decoupled", "neuroprune_structural", "l1", "gmp")
 DERIVED = ("structured", "magnitude")
 METHODS = TRAINED + DERIVED
-NEUROPRUNE_MODES = ("neuroprune", "neuroprune_decoupled")
+NEUROPRUNE_MODES = ("neuroprune", "neuroprune_decoupled", "neuroprune_structural")
 LABELS = {"dense": "dense fine-tuned", "neuroprune": "NeuroPrune, update: gradient",
-          "neuroprune_decoupled": "NeuroPrune, update: decoupled", "l1": "L1, update: gradient",
+          "neuroprune_decoupled": "NeuroPrune, update: decoupled",
+          "neuroprune_structural": "NeuroPrune, decoupled + structural target", "l1": "L1, update: gradient",
           "gmp": "gradual magnitude (cubic)", "structured_neuroprune": "structured magnitude, matched to NP gradient",
           "structured_neuroprune_decoupled": "structured magnitude, matched to NP decoupled",
+          "structured_neuroprune_structural": "structured magnitude, matched to NP structural",
           "magnitude": "unstructured magnitude (one-shot)"}
 
 
@@ -139,15 +143,16 @@ def recover_steps(args) -> int:
 
 def neuroprune_settings(method: str, level: float | None, args) -> dict:
     """The ``neuroprune`` section of one run (dense and gmp: NeuroPrune off)."""
-    decoupled = method == "neuroprune_decoupled"
-    return {"enabled": method in ("neuroprune", "neuroprune_decoupled", "l1"),
+    decoupled = method in ("neuroprune_decoupled", "neuroprune_structural")
+    return {"enabled": method in NEUROPRUNE_MODES + ("l1",),
             "penalty": "l1" if method == "l1" else "neuroprune", "update": "decoupled" if decoupled else "gradient",
             # gradient mode: lambda is a gradient weight; decoupled: the shrinkage per unit of lr (docs/sparsity.md)
             "mlp_lambda": 1.0 if decoupled else 1e-4, "attn_lambda": 1.0 if decoupled else 1e-4,
             "target_sparsity": level, "target_ramp_steps": ramp_steps(args),
             "recover_steps": recover_steps(args), "prune_ffn_units_below": args.unit_threshold,
             "prune_heads": method != "l1", "prune_every_steps": max(1, args.steps // 10),
-            "theta": args.theta, "theta_mode": args.theta_mode}
+            "theta": args.theta, "theta_mode": args.theta_mode,
+            "prune_ffn_units_fraction": level if method == "neuroprune_structural" else None}
 
 
 def ramp_steps(args) -> int:
@@ -439,8 +444,8 @@ def table(part: dict, results: dict) -> str:
             f"prefill speed-up | {metric} | FFN connectivity std-dev |",
             "|---|---|---|---|---|---|---|---|---|"]
     levels = sorted({r["level"] for r in results.values() if r.get("level") is not None})
-    order = ["neuroprune", "neuroprune_decoupled", "l1", "gmp", "structured_neuroprune",
-             "structured_neuroprune_decoupled", "magnitude"]
+    order = ["neuroprune", "neuroprune_decoupled", "neuroprune_structural", "l1", "gmp", "structured_neuroprune",
+             "structured_neuroprune_decoupled", "structured_neuroprune_structural", "magnitude"]
     lines = []
 
     def cells(target: str, label: str, row: dict) -> str:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The SmolLM2 quality table at matched structure (tools/bench_quality.py) on ONE H200, in at most 9 minutes:
-# NeuroPrune (update: gradient and update: decoupled), L1, gradual magnitude, dense, then structured and
+# NeuroPrune (update: gradient, update: decoupled, decoupled + structural target), L1, gradual magnitude,
+# dense, then structured and
 # unstructured magnitude cut from the dense model, at 25 / 50 / 70% target sparsity, lr 2e-4, 2000 steps.
 #
 #   tools/gpu_bench_quality.sh            # one H200 (prints the table; results in runs/gpu_bench_quality/)
@@ -15,12 +16,12 @@
 #   30% of the H200's ~495 TFLOPS dense TF32 on GEMMs this small (1024 x 576 x 1536) = 150 TFLOPS: ~5.5 ms.
 #   NeuroPrune adds ~10 memory passes over the 106M fp32 penalised weights per step (4.3 GB): ~1.5 ms at
 #   ~3 TB/s. One process alone would be launch-bound (~2-3k kernels per step at ~5 us: ~12 ms per step).
-# - so the 13 training runs go as 13 processes at once on the one GPU (each ~6 GB: fp32 weights, gradients,
-#   Adam moments and activations; 80 GB in all of 139 GB; 16 CPU cores feed them). Summed GPU work:
-#   13 x ~7 ms = ~90 ms per step of every run, 2000 steps = ~180 s; with start-up (~30 s) and each run's
+# - so the 16 training runs go as 16 processes at once on the one GPU (each ~6 GB: fp32 weights, gradients,
+#   Adam moments and activations; 96 GB in all of 139 GB; 16 CPU cores feed them). Summed GPU work:
+#   16 x ~7 ms = ~110 ms per step of every run, 2000 steps = ~220 s; with start-up (~30 s) and each run's
 #   compact export, verification, evaluation and timing (~30 s), ~4 minutes. Each run is cut off at 450 s.
 # - the derived baselines (structured magnitude matched to each NeuroPrune run, unstructured magnitude) go as
-#   one process per level (3 exports each, ~20 s apiece): ~1.5 minutes, cut off at 120 s. Worst case
+#   one process per level (4 exports each, ~20 s apiece): ~1.5 minutes, cut off at 120 s. Worst case
 #   450 + 120 + the report: under 9 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +46,7 @@ else
             --tiny --prefill-tokens 32 --prefill-repeats 3)
     TRAIN_TIMEOUT=1200 DERIVE_TIMEOUT=600  # guards against a hang only: a loaded CPU must not trip them
 fi
-TRAINED=(neuroprune neuroprune_decoupled l1 gmp)
+TRAINED=(neuroprune neuroprune_decoupled neuroprune_structural l1 gmp)
 mkdir -p "$OUT/logs"
 
 # Jobs: on the GPU one process per run (dense, and every method at every level), on the CPU one process for
